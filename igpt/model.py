@@ -1,0 +1,451 @@
+"""iGPT: a GPT-2 style decoder over 9-bit palette tokens (Chen et al., 2020).
+
+One readable file. `Decoder` runs eager PyTorch ops (SDPA attention) and is the reference model; the Triton-kernel
+model shares its parameters and state_dict exactly. Shapes: B batch, N tokens, C width, H heads, D head dim.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from igpt.config import IGPTConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+PALETTE_NAME = "palette.npy"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """iGPT norm: x * rsqrt(mean(x^2) + eps) * g. No mean subtraction, no bias; fp32 statistics."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Norm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding; filled left to right."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, n_ctx: int, head_dim: int, device, dtype):
+        shape = (batch, n_head, n_ctx, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.length = 0  # tokens already cached (the same for every layer once a forward pass finished)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k/v for `layer`; returns all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def sdpa_attention(q, k, v, causal: bool):
+    """Eager attention for q [B,H,Nq,D], k/v [B,H,Nk,D] with Nq <= Nk; causal is aligned bottom-right
+    (query i sees keys <= Nk - Nq + i), which is what decoding with a KV cache needs."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    if not causal or n_q == 1:  # a single new query may see every cached key
+        return F.scaled_dot_product_attention(q, k, v)
+    if n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # SDPA's is_causal aligns top-left, so chunked prefill needs an explicit bottom-right mask.
+    mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: IGPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.causal = cfg.causal
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        y = sdpa_attention(q, k, v, causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: IGPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(quick_gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, cfg: IGPTConfig):
+        super().__init__()
+        self.ln_1 = Norm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = Norm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cache: KVCache | None = None, layer: int = 0):
+        h = h + self.attn(self.ln_1(h), cache, layer)
+        return h + self.mlp(self.ln_2(h))
+
+
+@dataclass
+class IGPTOutput:
+    logits: torch.Tensor  # [B, N, V]
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layer + 1 raw residual streams [B, N, C]
+    class_logits: torch.Tensor | None = None  # [B, n_classes]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Decoder(nn.Module):
+    """iGPT decoder with eager PyTorch ops.
+
+    AR:   logits = model(ids); logits[:, t] predicts ids[:, t] from ids[:, <t] (the learned SOS shift is inside).
+    BERT: logits = model(ids, bert_mask=m); m True = masked (token embedding zeroed); bidirectional attention.
+    """
+
+    def __init__(self, cfg: IGPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.sos = nn.Parameter(torch.zeros(C))
+        self.wpe = nn.Embedding(cfg.n_ctx, C)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = Norm(C, cfg.norm_eps)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.clf_head = nn.Linear(C, cfg.n_classes) if cfg.n_classes else None
+        self.palette = None  # see attach_palette; not part of the state_dict
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialisation of the reference code (openai/image-gpt)."""
+        C, L = self.cfg.n_embd, self.cfg.n_layer
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.sos, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=1 / math.sqrt(C))
+            nn.init.normal_(block.attn.proj.weight, std=1 / math.sqrt(C * L))
+            nn.init.normal_(block.mlp.fc.weight, std=0.02)
+            nn.init.normal_(block.mlp.proj.weight, std=0.02)
+        for module in self.modules():
+            if isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.lm_head.weight)  # "logits 0": the first loss is exactly ln(512)
+        if self.clf_head is not None:
+            nn.init.zeros_(self.clf_head.weight)
+
+    # -- input checks and embedding ------------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: torch.Tensor, max_len: int | None = None) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"ids must be a torch.Tensor of int64 token ids, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+            raise TypeError(f"ids must be an integer tensor (int64 token ids), got {ids.dtype}; "
+                            "quantize pixels with Palette.quantize or pass pixels=... with a palette attached")
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape [batch, tokens], got {tuple(ids.shape)}; "
+                             "flatten images in raster order with ids.reshape(B, -1)")
+        max_len = self.cfg.n_ctx if max_len is None else max_len
+        if ids.shape[1] > max_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {max_len} "
+                             f"(resolution {self.cfg.resolution}); crop or resize the images")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}, got range "
+                             f"{int(ids.min())}..{int(ids.max())}")
+
+    def _check_bert_mask(self, ids: torch.Tensor, bert_mask: torch.Tensor | None) -> None:
+        if bert_mask is None:
+            return
+        if self.cfg.objective != "bert":
+            raise ValueError("bert_mask was given to an AR model; build the model with objective='bert'")
+        if not isinstance(bert_mask, torch.Tensor) or bert_mask.dtype != torch.bool:
+            raise TypeError("bert_mask must be a bool tensor [B, N] (True = masked)")
+        if bert_mask.shape != ids.shape:
+            raise ValueError(f"bert_mask shape {tuple(bert_mask.shape)} must equal ids shape {tuple(ids.shape)}")
+
+    def embed(self, ids: torch.Tensor, bert_mask: torch.Tensor | None = None, pos_offset: int = 0,
+              shift: bool = True) -> torch.Tensor:
+        """Token + position embedding. AR (shift=True): input at t is ids[t-1], the learned SOS at t = 0.
+        BERT: masked positions keep only their position embedding. Decode steps: shift=False, no mask."""
+        N = ids.shape[1]
+        pos = self.wpe.weight[pos_offset:pos_offset + N]
+        if self.cfg.objective == "ar" and shift:
+            tok = self.wte(ids[:, :-1])
+            sos = self.sos.to(tok.dtype).expand(ids.shape[0], 1, -1)
+            return torch.cat([sos, tok], dim=1) + pos
+        tok = self.wte(ids)
+        if bert_mask is not None:
+            tok = tok.masked_fill(bert_mask.unsqueeze(-1), 0.0)
+        return tok + pos
+
+    # -- forward ---------------------------------------------------------------------------------------------------------
+
+    def forward(self, ids: torch.Tensor | None = None, *, bert_mask: torch.Tensor | None = None,
+                pixels: torch.Tensor | None = None, return_hidden: bool = False, return_classes: bool = False):
+        """Logits [B, N, V]; with return_hidden / return_classes an `IGPTOutput` (hidden states are the raw residual
+        streams h^0..h^L, not normed; class logits come from the mean over positions of ln_f(h^L))."""
+        ids = self._resolve_input(ids, pixels)
+        self._check_ids(ids)
+        self._check_bert_mask(ids, bert_mask)
+        h = self.embed(ids, bert_mask)
+        hidden = [h]
+        for block in self.blocks:
+            h = block(h)
+            hidden.append(h)
+        x = self.ln_f(h)
+        logits = self.lm_head(x)
+        if not (return_hidden or return_classes):
+            return logits
+        class_logits = None
+        if return_classes:
+            if self.clf_head is None:
+                raise ValueError("this model has no classifier head: build it with IGPTConfig(n_classes=...)")
+            class_logits = self.clf_head(x.mean(dim=1))
+        return IGPTOutput(logits, tuple(hidden) if return_hidden else None, class_logits)
+
+    def loss(self, ids: torch.Tensor, bert_mask: torch.Tensor | None = None, *,
+             pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy in nats/token: AR mean over all tokens; BERT mean over the masked tokens."""
+        ids = self._resolve_input(ids, pixels)
+        if self.cfg.objective == "bert" and bert_mask is None:
+            raise ValueError("the BERT loss needs bert_mask (True = masked); draw one with "
+                             "igpt.model.random_bert_mask(ids.shape, generator=g)")
+        logits = self(ids, bert_mask=bert_mask)
+        if bert_mask is None:
+            return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        if not bert_mask.any():
+            raise ValueError("bert_mask masks no token, so the BERT loss is undefined")
+        return F.cross_entropy(logits[bert_mask].float(), ids[bert_mask])
+
+    @torch.no_grad()
+    def features(self, ids: torch.Tensor | None = None, layers=None, *,
+                 pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Linear-probe features [len(layers), B, C]: f^l = mean_t(blocks[l].ln_1(h^l)) for l < L and
+        f^L = mean_t(ln_f(h^L)); pooled as the forward pass goes (no [B, N, C] is kept per layer).
+        BERT models see no mask here."""
+        ids = self._resolve_input(ids, pixels)
+        self._check_ids(ids)
+        L = self.cfg.n_layer
+        layers = list(range(L + 1)) if layers is None else [int(layer) for layer in layers]
+        if not layers or any(not 0 <= layer <= L for layer in layers):
+            raise ValueError(f"layers must be a non-empty list of indices in 0..{L}, got {layers}")
+        pooled = {}
+        h = self.embed(ids)
+        for l in range(max(layers) + 1):
+            if l in layers:
+                norm = self.blocks[l].ln_1 if l < L else self.ln_f
+                pooled[l] = norm(h).float().mean(dim=1)
+            if l < L:
+                h = self.blocks[l](h)
+        return torch.stack([pooled[l] for l in layers])
+
+    # -- pixels ------------------------------------------------------------------------------------------------------
+
+    def attach_palette(self, palette) -> "Decoder":
+        """Lets the model take uint8 RGB directly: model(pixels=x) with x [B, N, 3] or [B, H, W, 3]."""
+        if len(palette) != self.cfg.vocab_size:
+            raise ValueError(f"palette has {len(palette)} colours but the model's vocabulary is {self.cfg.vocab_size}")
+        self.palette = palette
+        return self
+
+    def _resolve_input(self, ids, pixels):
+        if (ids is None) == (pixels is None):
+            raise ValueError("pass exactly one of ids (token ids) or pixels (uint8 RGB)")
+        if pixels is None:
+            return ids
+        if self.palette is None:
+            raise ValueError("model(pixels=...) needs a palette: call model.attach_palette(Palette.load(...)) first")
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError(f"pixels must be a uint8 torch.Tensor, got {type(pixels).__name__}")
+        if pixels.dim() == 4:
+            R = self.cfg.resolution
+            if tuple(pixels.shape[1:3]) != (R, R):
+                raise ValueError(f"images are {pixels.shape[1]}x{pixels.shape[2]} but the model expects {R}x{R}; "
+                                 f"resize them to the model resolution")
+            pixels = pixels.flatten(1, 2)
+        if pixels.dim() != 3:
+            raise ValueError(f"pixels must be [B, N, 3] or [B, H, W, 3], got shape {tuple(pixels.shape)}")
+        return self.palette.quantize(pixels).to(self.wte.weight.device)
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, n: int, prompt: torch.Tensor | None = None, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample n images' tokens [n, n_ctx] with a KV cache: the prompt (ids [n or 1, P]) is encoded in one
+        pass, then one token per step attends to the cache. Full softmax at temperature 1 unless told otherwise."""
+        if self.cfg.objective != "ar":
+            raise ValueError("generate needs an AR model (objective='ar')")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.cfg.vocab_size}, got {top_k}")
+        device = self.wte.weight.device
+        N = self.cfg.n_ctx
+        if prompt is None:
+            prompt = torch.zeros(n, 0, dtype=torch.long, device=device)
+        self._check_ids(prompt, max_len=N - 1)
+        if prompt.shape[0] not in (1, n):
+            raise ValueError(f"prompt batch {prompt.shape[0]} must be 1 or n={n}")
+        prompt = prompt.to(device).expand(n, -1)
+        cache = KVCache(self.cfg.n_layer, n, self.cfg.n_head, N, self.cfg.head_dim, device, self.wte.weight.dtype)
+        out = torch.empty(n, N, dtype=torch.long, device=device)
+        P = prompt.shape[1]
+        out[:, :P] = prompt
+        # Step 0 feeds SOS and the prompt (SOS + ids[:P]) so that the last position predicts token P.
+        x = torch.cat([self.sos.expand(n, 1, -1), self.wte(prompt)], dim=1) + self.wpe.weight[:P + 1]
+        for t in range(P, N):
+            logits = self._decode_step(x, cache)[:, -1].float() / temperature
+            if top_k is not None:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if t + 1 < N:
+                x = self.wte(out[:, t:t + 1]) + self.wpe.weight[t + 1:t + 2]
+        return out
+
+    def _decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        cache.length += x.shape[1]
+        return self.lm_head(self.ln_f(x))
+
+    # -- serialisation -------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path) -> Path:
+        """Write model.safetensors + config.json (+ palette.npy when attached) into the directory `path`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(self.cfg.to_json()))
+        if self.palette is not None:
+            self.palette.save(path / PALETTE_NAME)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path, map_location="cpu") -> "Decoder":
+        """Load from a directory holding model.safetensors + config.json (a run dir), or a .safetensors file with
+        config.json beside it. palette.npy next to the weights is attached when present."""
+        weights, config = _resolve_weights(Path(path))
+        try:
+            cfg = IGPTConfig.from_dict(json.loads(config.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{config}: not a valid iGPT config.json ({e})") from e
+        model = cls(cfg)
+        model.load_state_dict(_load_safetensors(weights, map_location))
+        palette_file = weights.parent / PALETTE_NAME
+        if palette_file.exists():
+            from igpt.palette import Palette
+
+            model.attach_palette(Palette.load(palette_file))
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict with errors that name the missing / unexpected / mis-shaped keys."""
+        if strict:
+            own = self.state_dict()
+            missing = sorted(set(own) - set(state_dict))
+            unexpected = sorted(set(state_dict) - set(own))
+            wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
+                     for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+            if missing or unexpected or wrong:
+                raise ValueError("state_dict does not match this model's config "
+                                 f"(missing {missing}, unexpected {unexpected}, wrong shapes {wrong}); "
+                                 "load it with the config it was saved with")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def random_bert_mask(shape, p: float = 0.15, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """BERT mask (True = masked): each token independently with probability p, as in the paper."""
+    return torch.rand(shape, generator=generator, device=device) < p
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same directory and rename it, so a crash never leaves a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _resolve_weights(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}: pass a run directory with final weights, "
+                                    "or the .safetensors file itself")
+    elif path.suffix == ".safetensors":
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        weights = path
+    else:
+        raise ValueError(f"{path}: expected a directory or a .safetensors file")
+    config = weights.parent / CONFIG_NAME
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: the weights need the config.json they were saved with")
+    return weights, config
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e

@@ -1,0 +1,33 @@
+"""Shared pytest set-up.
+
+Two processes make up the suite (see CONTRIBUTING.md):
+  * `pytest`                                  -> everything except tests/interpret (triton compiles for real here)
+  * `TRITON_INTERPRET=1 pytest tests/interpret` -> Triton kernels executed by the interpreter on CPU tensors
+TRITON_INTERPRET is read when triton decorates a kernel, so the two kinds cannot share one process.
+"""
+import os
+
+import pytest
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Keep each process to its own half of the suite.
+collect_ignore = [] if INTERPRET else ["interpret"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if INTERPRET and "interpret" not in item.nodeid.split("/"):
+            item.add_marker(pytest.mark.skip(reason="only tests/interpret runs under TRITON_INTERPRET=1"))
