@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from igpt.config import PRESETS, IGPTConfig
-from igpt.data import make_shapes
+from igpt.data import TEST_START, make_shapes
 from igpt.model import Decoder, random_bert_mask
 from igpt.palette import Palette
 
-EVAL_SEED_OFFSET = 1_000_003  # evaluation images come from a different seed than training images
 
 
 def parse_args(argv=None):
@@ -86,18 +85,18 @@ def lr_at(step: int, args) -> float:
 class ShapesSource:
     """Batches of the embedded dataset; image i is a pure function of (seed, i), so any step can be rebuilt."""
 
-    def __init__(self, resolution: int, seed: int):
-        self.resolution, self.seed = resolution, seed
+    def __init__(self, resolution: int, seed: int, offset: int = 0):
+        self.resolution, self.seed, self.offset = resolution, seed, offset
 
     def images(self, start: int, n: int) -> torch.Tensor:
-        return make_shapes(n, resolution=self.resolution, seed=self.seed, start=start)[0]
+        return make_shapes(n, resolution=self.resolution, seed=self.seed, start=self.offset + start)[0]
 
 
-def make_source(args, seed: int):
+def make_source(args, split: str):
     if args.dataset != "shapes":
         raise ValueError(f"--dataset {args.dataset!r}: this trainer reads the embedded 'shapes' dataset only; "
                          "Hugging Face datasets (hub id, imagefolder:DIR, save_to_disk DIR) are not wired in yet")
-    return ShapesSource(args.resolution, seed)
+    return ShapesSource(args.resolution, args.seed, offset=TEST_START if split == "test" else 0)
 
 
 def load_or_fit_palette(args, source) -> Palette:
@@ -119,7 +118,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = IGPTConfig.preset(args.preset, resolution=args.resolution, objective=args.objective)
-    train_src, eval_src = make_source(args, args.seed), make_source(args, args.seed + EVAL_SEED_OFFSET)
+    train_src, eval_src = make_source(args, "train"), make_source(args, "test")
     t0 = time.time()
     palette = load_or_fit_palette(args, train_src)
     print(f"palette: {len(palette)} colours ({time.time() - t0:.1f}s)", flush=True)
@@ -145,7 +144,7 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        g = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
+        g = torch.Generator().manual_seed(args.seed + 1)  # the same eval masks every time
         losses = [step_loss(*batch(eval_src, i, g)).item() for i in range(args.eval_batches)]
         model.train()
         return sum(losses) / len(losses)

@@ -1,0 +1,9 @@
+"""igpt_kernels: fused Triton kernels with plain-torch references (the folder kernels/ of the iGPT repo).
+
+Each op lives in its own module (Triton kernels + autograd.Function + functional entry point) and has its
+reference in reference.py. Importing this package does not import triton: the kernel modules load it on first use.
+"""
+from .attention import attention
+from .reference import attention_reference
+
+__all__ = ["attention", "attention_reference"]

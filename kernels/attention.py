@@ -1,0 +1,410 @@
+"""Fused attention (FlashAttention-2 style): forward and backward, causal or bidirectional, key mask, Nq <= Nk.
+
+    attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False) -> out [B, H, Nq, D]
+
+Contract (DESIGN.md): q [B,H,Nq,D], k/v [B,H,Nk,D], Nq <= Nk; causal is aligned bottom-right (query i sees keys
+j <= i + Nk - Nq, as FlashAttention >= 2.1, so KV-cache decode needs no special case); key_mask [B,Nk] bool,
+True = attend, combinable with causal; a query row with no key to attend gives 0 and zero gradients (no NaN);
+fp16, bf16 and fp32 (fp32 dots at IEEE precision, no TF32). sm_scale defaults to 1/sqrt(D).
+deterministic=True computes dQ in a separate pass over query tiles instead of with atomic adds, so gradients are
+bit-reproducible run to run (at some cost in speed).
+
+Dispatch: CUDA tensors run the Triton kernels (in _attention_triton.py, imported on first use); CPU tensors run the
+torch reference (reference.py), except when the process runs under TRITON_INTERPRET=1, where the Triton kernels run
+on CPU tensors through the interpreter. `launch_counts` counts kernel launches by name ("attn_fwd",
+"attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"), so tests can check that the Triton path really ran.
+
+Memory: the Triton path allocates O(B*H*N*D) only (outputs, fp32 log-sum-exp and delta per row, an fp32 dQ buffer for
+the atomic variant); scores and probabilities live in registers, tile by tile.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import warnings
+
+import torch
+
+from .reference import attention_reference
+
+__all__ = ["attention", "launch_counts", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head dims up to 128; those that are not a power of two (e.g. 96) are padded inside the kernel with masked loads.
+# 192/256 are refused: their dK/dV accumulators ([BLOCK_N, 256] fp32, twice) spill registers at every tile shape
+# that keeps the MMA efficient (see `python -m igpt_kernels._compile`).
+MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+_PREPROCESS_BLOCK_M = 32  # delta = rowsum(dO * O) is memory bound; 64 rows spill at D=96 in fp16 (sm_90)
+
+launch_counts: collections.Counter = collections.Counter()
+
+_triton_kernels = None
+_warned_no_triton = False
+
+
+def _kernels():
+    """The Triton kernel module, imported on first use (import igpt_kernels must work without triton)."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        from . import _attention_triton
+
+        _triton_kernels = _attention_triton
+    return _triton_kernels
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(device: torch.device) -> bool:
+    global _warned_no_triton
+    if device.type == "cuda":
+        if _triton_available():
+            return True
+        if not _warned_no_triton:
+            warnings.warn("triton is not installed: attention on CUDA tensors falls back to the (slow, O(N^2) memory) "
+                          "torch reference. Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
+            _warned_no_triton = True
+        return False
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, causal, key_mask, sm_scale, deterministic) -> float:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"attention: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32. "
+                            f"Cast with .to(torch.float16/bfloat16/float32) (igpt_kernels.attention_reference "
+                            f"accepts float64).")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        f"cast them to the same dtype.")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r} ({type(causal).__name__})")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"attention: deterministic must be True or False, got {deterministic!r}")
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}; "
+                             f"reshape [B, N, H*D] activations with .view(B, N, H, D).transpose(1, 2).")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape [B, H, Nk, D], got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
+    (b, h, n_q, d), n_k = q.shape, k.shape[2]
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on B, H and D "
+                         f"(q [B,H,Nq,D], k/v [B,H,Nk,D]); repeat k/v heads for grouped-query attention.")
+    if n_k < 1:
+        raise ValueError("attention: k/v have no keys (Nk = 0); at least one key is needed.")
+    if n_q > n_k:
+        raise ValueError(f"attention: Nq = {n_q} > Nk = {n_k}. Queries are the last Nq positions of the key "
+                         f"sequence (KV-cache decode), so Nq <= Nk; pass the full key/value sequence.")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D = {d} is not supported; the fused kernels take 1 <= D <= "
+                         f"{MAX_HEAD_DIM} (192/256 would spill registers). Use more heads of a smaller D, or "
+                         f"igpt_kernels.attention_reference.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
+                         f"move them with .to(device).")
+
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor):
+            raise TypeError(f"attention: key_mask must be a bool torch.Tensor or None, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"attention: key_mask must have dtype torch.bool (True = attend), got {key_mask.dtype}; "
+                            f"convert with key_mask.bool() (or `ids != pad_id`).")
+        if tuple(key_mask.shape) != (b, n_k):
+            raise ValueError(f"attention: key_mask must have shape [B, Nk] = [{b}, {n_k}], got "
+                             f"{tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"attention: key_mask is on {key_mask.device} but q is on {q.device}; "
+                             f"move it with key_mask.to(q.device).")
+
+    if sm_scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"attention: sm_scale must be a Python float or None, got {type(sm_scale).__name__}; "
+                        f"use float(x).")
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"attention: sm_scale must be a finite positive number, got {sm_scale}; "
+                         f"None gives the usual 1/sqrt(D) = {1.0 / math.sqrt(d):.6g}.")
+    return float(sm_scale)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tune_bucket(n: int) -> int:
+    # Autotune per power-of-two length bucket: decode grows Nk by one per step and must not re-tune every step.
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _key_mask_args(key_mask, like):
+    if key_mask is None:  # never read (HAS_MASK=False); a real 1-byte buffer keeps the pointer type fixed
+        return torch.empty(1, dtype=torch.uint8, device=like.device), 0, 0
+    mask = key_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1)
+
+
+def _forward(q, k, v, key_mask, causal, sm_scale):
+    tk = _kernels()
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    o = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
+    mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
+
+    def grid(meta):
+        return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
+
+    tk.attn_fwd[grid](
+        q, k, v, mask, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn,
+        h, n_q, n_k, sm_scale * _LOG2E, _tune_bucket(n_q), _tune_bucket(n_k),
+        HEAD_DIM=d, BLOCK_D=tk.block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None,
+    )
+    launch_counts["attn_fwd"] += 1
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
+    tk = _kernels()
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    bd = tk.block_d(d)
+    mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
+
+    delta = torch.empty_like(lse)
+    tk.attn_bwd_preprocess_kernel[(_cdiv(n_q, _PREPROCESS_BLOCK_M), h, b)](
+        o, do, delta, *do.stride(), h, n_q, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
+    launch_counts["attn_bwd_preprocess"] += 1
+
+    dk = torch.empty((b, h, n_k, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, h, n_k, d), dtype=v.dtype, device=v.device)
+    if deterministic:
+        dq_acc = torch.empty(1, dtype=torch.float32, device=q.device)  # not touched (ATOMIC_DQ=False)
+    else:
+        dq_acc = torch.zeros((b, h, n_q, d), dtype=torch.float32, device=q.device)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), stride_mb, stride_mn,
+              h, n_q, n_k, sm_scale, sm_scale * _LOG2E, _tune_bucket(n_q), _tune_bucket(n_k))
+    flags = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, HAS_MASK=key_mask is not None)
+
+    def grid_keys(meta):
+        return (_cdiv(n_k, meta["BLOCK_N"]), h, b)
+
+    tk.attn_bwd_dkdv[grid_keys](q, k, v, mask, do, lse, delta, dk, dv, dq_acc, *common,
+                                ATOMIC_DQ=not deterministic, **flags)
+    launch_counts["attn_bwd_dkdv"] += 1
+
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+
+    dq = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
+
+    def grid_queries(meta):
+        return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
+
+    tk.attn_bwd_dq[grid_queries](q, k, v, mask, do, lse, delta, dq, *common, **flags)
+    launch_counts["attn_bwd_dq"] += 1
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, causal, sm_scale, deterministic):
+        o, lse = _forward(q, k, v, key_mask, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, key_mask)
+        ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, key_mask, ctx.causal, ctx.sm_scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False):
+    """Scaled dot-product attention; see the module docstring for the full contract.
+
+    q [B,H,Nq,D], k/v [B,H,Nk,D] (Nq <= Nk), key_mask [B,Nk] bool (True = attend) or None -> [B,H,Nq,D].
+    Raises TypeError for a wrong dtype/type and ValueError for a wrong shape, device or value.
+    """
+    sm_scale = _check_inputs(q, k, v, causal, key_mask, sm_scale, deterministic)
+    if q.numel() == 0 or not _use_triton(q.device):
+        return attention_reference(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, key_mask, causal, sm_scale, deterministic)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_attention_compile.py)
+# ------------------------------------------------------------------------------------------------------------------
+_TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+_ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+COMPILE_HEAD_DIMS = (16, 32, 64, 96, 128)
+COMPILE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _strides(prefix, row):
+    # Strides as the JIT specialises them for contiguous-in-D tensors with D a multiple of 16: stride_d == 1 becomes
+    # a constexpr (vectorised loads), the others are known to be divisible by 16.
+    return {f"stride_{prefix}b": "i32:16", f"stride_{prefix}h": "i32:16", f"stride_{prefix}{row}": "i32:16",
+            f"stride_{prefix}d": 1}
+
+
+def _shape_constexprs(spec):
+    d = spec["head_dim"]
+    return {"HEAD_DIM": d, "BLOCK_D": max(16, 1 << (d - 1).bit_length())}
+
+
+def _main_arguments(spec, cfg, pointers):
+    ptr = "*" + _TRITON_DTYPES[spec["dtype"]]
+    args = {name: (ptr if kind == "data" else kind) for name, kind in pointers.items()}
+    args.update(_strides("q", "m"), **_strides("k", "n"), **_strides("v", "n"))
+    args.update(stride_mb="i32", stride_mn=1, N_HEADS="i32", N_Q="i32", N_K="i32", qk_scale="fp32",
+                sm_scale="fp32", TUNE_N_Q="i32", TUNE_N_K="i32")
+    args.update(_shape_constexprs(spec), CAUSAL=spec["causal"], HAS_MASK=spec["key_mask"], **cfg.meta_dict())
+    return args
+
+
+def _fwd_arguments(spec, cfg):
+    return _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "O": "data",
+                                       "LSE": "*fp32"})
+
+
+def _dkdv_arguments(spec, cfg):
+    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "DO": "data",
+                                       "LSE": "*fp32", "DELTA": "*fp32", "DK": "data", "DV": "data",
+                                       "DQ_ACC": "*fp32"})
+    args.update(_strides("do", "m"), ATOMIC_DQ=spec["atomic_dq"])
+    return args
+
+
+def _dq_arguments(spec, cfg):
+    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "DO": "data",
+                                       "LSE": "*fp32", "DELTA": "*fp32", "DQ": "data"})
+    args.update(_strides("do", "m"))
+    return args
+
+
+def _preprocess_arguments(spec, cfg):
+    ptr = "*" + _TRITON_DTYPES[spec["dtype"]]
+    args = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N_HEADS": "i32", "N_Q": "i32"}
+    args.update(_strides("do", "m"), **_shape_constexprs(spec), **cfg.meta_dict())
+    return args
+
+
+def _kernel_configs(kind, arch, spec):
+    from ._compile import KernelConfig
+
+    tk = _kernels()
+    group = tk.tile_group(spec["head_dim"], _ELEMENT_SIZE[spec["dtype"]])
+    return [KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s)
+            for bm, bn, w, s in tk.CONFIG_TABLES[kind][arch][group]]
+
+
+# Each config group is compiled at its widest head dim, causal with a key mask.
+_REPRESENTATIVE = {"d64": ("fp16", 64), "d128": ("fp16", 128), "fp32": ("fp32", 128)}
+
+
+def _config_cases(kind, extra):
+    def cases(arch):
+        from ._compile import KernelConfig
+
+        tk = _kernels()
+        out = []
+        for group, table in tk.CONFIG_TABLES[kind][arch].items():
+            dtype, head_dim = _REPRESENTATIVE[group]
+            spec = {"dtype": dtype, "head_dim": head_dim, "causal": True, "key_mask": True, **extra}
+            out += [(KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s), spec) for bm, bn, w, s in table]
+        return out
+    return cases
+
+
+def _specialisations(extra_axes=()):
+    def specs():
+        out = []
+        for dtype in COMPILE_DTYPES:
+            for head_dim in COMPILE_HEAD_DIMS:
+                for causal in (False, True):
+                    for key_mask in (False, True):
+                        base = {"dtype": dtype, "head_dim": head_dim, "causal": causal, "key_mask": key_mask}
+                        if not extra_axes:
+                            out.append(base)
+                        for name, values in extra_axes:
+                            out += [{**base, name: value} for value in values]
+        return out
+    return specs
+
+
+def _meta(cfg, name):
+    return cfg.meta_dict()[name]
+
+
+def _tensor_cores(spec):
+    return spec["dtype"] in ("fp16", "bf16")
+
+
+def compile_entries():
+    """Ahead-of-time compile entries of the attention kernels (see igpt_kernels._compile)."""
+    from . import _compile
+
+    preprocess_config = _compile.KernelConfig((("BLOCK_M", _PREPROCESS_BLOCK_M),), 4, 1)
+    return [
+        _compile.KernelEntry(
+            name="attention.fwd",
+            kernel=lambda: _kernels().attn_fwd_kernel,
+            arguments=_fwd_arguments,
+            configs=lambda arch, spec: _kernel_configs("fwd", arch, spec),
+            config_cases=_config_cases("fwd", {}),
+            specialisations=_specialisations(),
+            mma_rows=lambda cfg: _meta(cfg, "BLOCK_M"),
+            uses_tensor_cores=_tensor_cores,
+        ),
+        _compile.KernelEntry(
+            name="attention.bwd_dkdv",
+            kernel=lambda: _kernels().attn_bwd_dkdv_kernel,
+            arguments=_dkdv_arguments,
+            configs=lambda arch, spec: _kernel_configs("dkdv", arch, spec),
+            config_cases=_config_cases("dkdv", {"atomic_dq": True}),
+            specialisations=_specialisations((("atomic_dq", (False, True)),)),
+            mma_rows=lambda cfg: _meta(cfg, "BLOCK_N"),  # the program's keys are the M operand
+            uses_tensor_cores=_tensor_cores,
+        ),
+        _compile.KernelEntry(
+            name="attention.bwd_dq",
+            kernel=lambda: _kernels().attn_bwd_dq_kernel,
+            arguments=_dq_arguments,
+            configs=lambda arch, spec: _kernel_configs("dq", arch, spec),
+            config_cases=_config_cases("dq", {}),
+            specialisations=_specialisations(),
+            mma_rows=lambda cfg: _meta(cfg, "BLOCK_M"),
+            uses_tensor_cores=_tensor_cores,
+        ),
+        _compile.KernelEntry(
+            name="attention.bwd_preprocess",
+            kernel=lambda: _kernels().attn_bwd_preprocess_kernel,
+            arguments=_preprocess_arguments,
+            configs=lambda arch, spec: [preprocess_config],
+            config_cases=lambda arch: [(preprocess_config, {"dtype": "fp32", "head_dim": 128})],
+            specialisations=lambda: [{"dtype": dt, "head_dim": d} for dt in COMPILE_DTYPES for d in COMPILE_HEAD_DIMS],
+        ),
+    ]
