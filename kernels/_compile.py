@@ -83,7 +83,7 @@ class KernelEntry:
     uses_tensor_cores: Callable[[Mapping], bool] = lambda spec: False
 
 
-KERNEL_MODULES = ["igpt_kernels.attention"]
+KERNEL_MODULES = ["igpt_kernels.attention", "igpt_kernels.norm", "igpt_kernels.embedding"]
 
 
 def entries() -> dict[str, KernelEntry]:

@@ -1,0 +1,214 @@
+"""CPU peer benchmark: our eager `Decoder` vs Hugging Face `ImageGPTForCausalImageModeling` holding the same weights.
+
+For each precision (fp32, and bf16 autocast where the CPU has native bf16) both models are measured the same way:
+  * training step tokens/s: forward + backward + AdamW step on one fixed batch (warm-up steps, then the median step);
+  * sampling tokens/s: our `Decoder.generate` (KV cache) vs HF `generate(do_sample=True, top_k=0)` (its cache), both
+    completing the last S tokens of a prompt of N - S tokens (S = N samples whole images from SOS);
+  * the measured matmul peak in that precision, and each training step's FLOP/s as a fraction of it.
+Correctness first: fp32 logits must agree to 1e-4 and the two losses must agree in every precision, or the script
+exits non-zero before timing anything.
+
+    python bench/peer.py                      # 8 layers x 256 wide, B 4, N 1024
+    python bench/peer.py --quick --json out.json
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import (FLOP_MODEL, LOSS_RTOL, CorrectnessError, autocast, build_pair, check_logits, config_from_args,
+                    describe, env_info, format_table, hf_generate, hf_logits, log, make_parser, matmul_params,
+                    matmul_peak, medians, parse_args, random_ids, resolve_precisions, save_results,
+                    time_interleaved, train_flops, warn_if_busy)
+from igpt.convert import to_hf
+
+FULL = dict(layers=8, width=256, heads=8, batch=4, resolution=32, steps=3, warmup=1, sample_tokens=256,
+            sample_repeat=3, matmul_size=4096)
+QUICK = dict(layers=2, width=64, heads=4, batch=2, resolution=8, steps=1, warmup=1, sample_tokens=8,
+             sample_repeat=1, matmul_size=256)
+CHECK_TOKENS = 8  # new tokens of the short sampling run that checks shapes and warms the samplers up
+
+
+def cli(argv=None):
+    p = make_parser(__doc__, FULL, QUICK)
+    p.add_argument("--steps", type=int, help="timed training steps (the median is reported)")
+    p.add_argument("--warmup", type=int, help="untimed training steps first")
+    p.add_argument("--sample-repeat", type=int, help="timed sampling runs after a short warm-up (median)")
+    p.add_argument("--matmul-size", type=int, help="n of the n x n x n matmul that measures the peak")
+    return parse_args(p, argv, FULL, QUICK)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two losses: the same next-token cross-entropy over all N tokens and the 512 palette classes
+
+
+def ours_loss(model, ids):
+    return model.loss(ids)
+
+
+def hf_loss(hf, ids):
+    # HF's labels= loss drops the last position (it shifts labels inside): the explicit CE on logits aligned with ours
+    # is the same quantity our model.loss computes.
+    return F.cross_entropy(hf_logits(hf, ids).flatten(0, 1).float(), ids.flatten())
+
+
+def check_losses(ours, hf, ids, precision: str) -> tuple[float, float]:
+    with torch.no_grad(), autocast(precision):
+        a, b = ours_loss(ours, ids).item(), hf_loss(hf, ids).item()
+    rtol = LOSS_RTOL[precision]
+    if not abs(a - b) <= rtol * abs(b):
+        raise CorrectnessError(f"{precision} losses differ: ours {a:.6f} vs HF {b:.6f} (rtol {rtol:.0e})")
+    return a, b
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def train_step_fn(model, loss_fn, ids, precision: str):
+    """One training step on the fixed batch: zero_grad, forward + loss (autocast in bf16), backward, AdamW step."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision):
+            loss = loss_fn(model, ids)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def sample_fns(ours, hf, prompt: torch.Tensor, new_tokens: int, seed: int):
+    """Callables sampling `new_tokens` per image after `prompt` [B, P], each model with its own cached decoder."""
+    def sample_ours():
+        return ours.generate(prompt.shape[0], prompt=prompt, generator=torch.Generator().manual_seed(seed))
+
+    def sample_hf():
+        return hf_generate(hf, prompt, new_tokens)
+
+    return sample_ours, sample_hf
+
+
+def check_samplers(ours, hf, ids, seed: int) -> None:
+    """A short completion (the last CHECK_TOKENS tokens) with each sampler: both must return whole images that keep the
+    prompt. It also warms the samplers up."""
+    N = ours.cfg.n_ctx
+    prompt = ids[:, :N - min(CHECK_TOKENS, N)]
+    sample_ours, sample_hf = sample_fns(ours, hf, prompt, N - prompt.shape[1], seed)
+    a, b = sample_ours(), sample_hf()
+    P = prompt.shape[1]
+    if a.shape != (ids.shape[0], N) or not torch.equal(a[:, :P], prompt):
+        raise CorrectnessError(f"our generate returned {tuple(a.shape)} or lost the prompt")
+    if b.shape != (ids.shape[0], N + 1) or not torch.equal(b[:, 1:P + 1], prompt):
+        raise CorrectnessError(f"HF generate returned {tuple(b.shape)} (expected SOS + {N} tokens) or lost the prompt")
+
+
+def bench_precision(args, cfg, ours, hf, ids, initial_state, precision: str) -> dict:
+    # Each precision starts from the same weights on both sides (training moved them in the previous precision).
+    ours.load_state_dict(initial_state)
+    hf.load_state_dict(to_hf(ours))
+    loss_ours, loss_hf = check_losses(ours, hf, ids, precision)
+
+    N, S = cfg.n_ctx, args.sample_tokens
+    ours.eval(), hf.eval()
+    sample_ours, sample_hf = sample_fns(ours, hf, ids[:, :N - S], S, args.seed)
+    log(f"{precision}: losses agree; sampling {S} tokens x {args.batch} images, {args.sample_repeat} runs each")
+    with autocast(precision):
+        check_samplers(ours, hf, ids, args.seed)
+        sample_all = time_interleaved({"ours": sample_ours, "hf": sample_hf}, 0, args.sample_repeat)
+    sample_s = medians(sample_all)
+
+    log(f"{precision}: training steps ({args.warmup} warm-up + {args.steps} timed, each model)")
+    step_s = time_interleaved({"ours": train_step_fn(ours, ours_loss, ids, precision),
+                               "hf": train_step_fn(hf, hf_loss, ids, precision)}, args.warmup, args.steps)
+    step_median = medians(step_s)
+    log(f"{precision}: matmul peak ({args.matmul_size}^3)")
+    peak = matmul_peak(precision, args.matmul_size)
+    flops = train_flops(ours, args.batch)
+    train_tokens = args.batch * N
+    return {
+        "loss": {"ours": loss_ours, "hf": loss_hf},
+        "train": {
+            "step_s_median": step_median,
+            "step_s_all": step_s,
+            "tokens_per_s": {k: train_tokens / v for k, v in step_median.items()},
+            "flop_per_s": {k: flops / v for k, v in step_median.items()},
+            "fraction_of_matmul_peak": {k: flops / v / peak for k, v in step_median.items()},
+        },
+        "sample": {
+            "new_tokens_per_image": S,
+            "prompt_tokens": N - S,
+            "run_s_median": sample_s,
+            "run_s_all": sample_all,
+            "tokens_per_s": {k: args.batch * S / v for k, v in sample_s.items()},
+        },
+        "matmul_peak_flop_per_s": peak,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def table(results: dict, sample_tokens: int) -> str:
+    rows = []
+    for precision, r in results.items():
+        t, s = r["train"], r["sample"]
+        rows += [
+            [precision, "train step tokens/s", t["tokens_per_s"]["ours"], t["tokens_per_s"]["hf"]],
+            [precision, f"sample tokens/s ({sample_tokens} new)", s["tokens_per_s"]["ours"], s["tokens_per_s"]["hf"]],
+            [precision, "train TFLOP/s", t["flop_per_s"]["ours"] / 1e12, t["flop_per_s"]["hf"] / 1e12],
+            [precision, "train % of matmul peak", 100 * t["fraction_of_matmul_peak"]["ours"],
+             100 * t["fraction_of_matmul_peak"]["hf"]],
+        ]
+    rows = [[*row, row[2] / row[3]] for row in rows]
+    return format_table(["precision", "measurement", "ours", "HF", "ours/HF"], rows)
+
+
+def main(argv=None) -> int:
+    args = cli(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = config_from_args(args)
+    precisions = resolve_precisions(args.precision)
+    env = env_info()  # before timing: its load average and date describe the start of the run
+    warn_if_busy()
+    ours, hf = build_pair(cfg, args.seed)
+    if args.corrupt_for_test:
+        with torch.no_grad():
+            hf.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
+    ids = random_ids(cfg, args.batch, args.seed)
+    initial_state = {k: v.clone() for k, v in ours.state_dict().items()}
+    try:
+        logit_diff = check_logits(ours, hf, ids)
+        results = {p: bench_precision(args, cfg, ours, hf, ids, initial_state, p) for p in precisions}
+    except CorrectnessError as e:
+        sys.exit(f"peer.py: correctness check FAILED, nothing timed: {e}")
+
+    N, S = cfg.n_ctx, args.sample_tokens
+    print(f"iGPT Decoder vs HF ImageGPTForCausalImageModeling, same weights - {describe(cfg, args.batch, env)}; "
+          f"fp32 logits agree to {logit_diff:.1e}")
+    print(f"train: median of {args.steps} steps after {args.warmup} warm-up, AdamW(lr 1e-4)")
+    print(f"sample: {S} new tokens per image after a {N - S}-token prompt (--sample-tokens; encoding the prompt is "
+          f"included), full softmax, T = 1, median of {args.sample_repeat} runs after a short warm-up")
+    for p, r in results.items():
+        print(f"{p}: losses ours {r['loss']['ours']:.5f} / HF {r['loss']['hf']:.5f}; "
+              f"matmul peak {r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s ({args.matmul_size}^3)")
+    print(f"FLOP model: {FLOP_MODEL}")
+    print(f"  = {train_flops(ours, args.batch) / 1e9:.1f} GFLOP per step (P = {matmul_params(ours):,})\n")
+    print(table(results, S))
+
+    save_results(args, "peer", env, dict(n_ctx=N, prompt_tokens=N - S, precisions=precisions,
+                                         optimizer="AdamW(lr=1e-4)"),
+                 correctness={"logit_max_abs_diff_fp32": logit_diff}, flop_model=FLOP_MODEL,
+                 train_flops_per_step=train_flops(ours, args.batch), matmul_params=matmul_params(ours),
+                 results=results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Fused iGPT norm (RMS-style: no mean subtraction, no bias), forward and backward, optional fused residual add.
+
+    norm(x, weight, eps=1e-5, residual=None) -> y                        y = x * rsqrt(mean(x^2) + eps) * weight
+    norm(x, weight, eps, residual=r)         -> (y, h)   with h = x + r, y = norm(h)
+
+Contract (DESIGN.md): x [..., C], weight [C], residual shaped like x; fp16, bf16 and fp32 storage, fp32 math. y and h
+have x's dtype; gradients flow to x, weight and residual (d residual = dx). Fusing the residual add saves a full
+read and write of the activation per block: the pre-norm block computes `h = h + f(...)` and `norm(h)` in one pass.
+
+Dispatch: CUDA tensors run the Triton kernels (in _norm_triton.py, imported on first use); CPU tensors run the torch
+reference (reference.py), except under TRITON_INTERPRET=1, where the Triton kernels run through the interpreter.
+`launch_counts` counts launches ("norm_fwd", "norm_bwd") so tests can check that the Triton path really ran.
+
+Determinism: dweight is reduced through a [programs, C] fp32 buffer of per-program partial sums and one torch sum,
+never float atomics, so every gradient is bit-reproducible run to run.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+import warnings
+
+import torch
+
+from .reference import norm_reference
+
+__all__ = ["norm", "launch_counts", "MAX_COLS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One row is one register vector; 8192 (twice iGPT-XL's 3072 rounded up) is the widest compiled without spills.
+MAX_COLS = 8192
+
+launch_counts: collections.Counter = collections.Counter()
+
+_triton_kernels = None
+_warned_no_triton = False
+
+
+def _kernels():
+    """The Triton kernel module, imported on first use (import igpt_kernels must work without triton)."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        from . import _norm_triton
+
+        _triton_kernels = _norm_triton
+    return _triton_kernels
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(device: torch.device) -> bool:
+    global _warned_no_triton
+    if device.type == "cuda":
+        if _triton_available():
+            return True
+        if not _warned_no_triton:
+            warnings.warn("triton is not installed: norm on CUDA tensors falls back to the torch reference. "
+                          "Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
+            _warned_no_triton = True
+        return False
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------------------------
+def _check_inputs(x, weight, eps, residual) -> float:
+    for name, t in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"norm: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"norm: {name} has dtype {t.dtype}; supported are float16, bfloat16 and float32. "
+                            f"Cast with .to(torch.float32) (igpt_kernels.norm_reference accepts float64).")
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"norm: residual has dtype {residual.dtype} but x has {x.dtype}; they are added, so cast "
+                        f"the residual to x's dtype.")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"norm: eps must be a Python float, got {type(eps).__name__}; use float(eps).")
+
+    if x.dim() < 1:
+        raise ValueError("norm: x must have at least one dimension [..., C], got a 0-d tensor.")
+    n_cols = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n_cols:
+        raise ValueError(f"norm: weight must have shape [C] = [{n_cols}] (x's last dimension), got "
+                         f"{tuple(weight.shape)}.")
+    if not 1 <= n_cols <= MAX_COLS:
+        raise ValueError(f"norm: rows of C = {n_cols} are not supported; the fused kernel takes 1 <= C <= "
+                         f"{MAX_COLS}. Use igpt_kernels.norm_reference for wider rows.")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}; "
+                         f"broadcasting is not supported, expand it explicitly.")
+    devices = {t.device for t in (x, weight, residual) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"norm: x, weight and residual must be on one device, got {sorted(map(str, devices))}; "
+                         f"move them with .to(device).")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"norm: eps must be finite and >= 0, got {eps}; the default is 1e-5.")
+    return float(eps)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------------
+def _rows(t):
+    # [..., C] -> [rows, C] with unit column stride (a view when possible); the kernels index rows by one stride.
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _num_warps(bc, device):
+    tk = _kernels()
+    if device.type != "cuda":
+        return 4  # the interpreter ignores it
+    return tk.NUM_WARPS[tk.config_table_arch(torch.cuda.get_device_capability(device))][bc]
+
+
+def _backward_programs(n_rows, device):
+    tk = _kernels()
+    if device.type != "cuda":
+        return max(1, min(n_rows, tk.INTERPRET_PROGRAMS))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_rows, sms * tk.PROGRAMS_PER_SM))
+
+
+def _forward(x, weight, eps, residual):
+    tk = _kernels()
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    bc = tk.block_c(n_cols)
+    w = weight.contiguous()
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        h = torch.empty_like(y)
+    else:
+        r2, h = x2, y  # never read/written (HAS_RESIDUAL=False); real tensors keep the pointer types fixed
+    tk.norm_fwd_kernel[(n_rows,)](
+        x2, r2, w, y, h, rstd,
+        x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
+        n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_C=bc, num_warps=_num_warps(bc, x.device),
+    )
+    launch_counts["norm_fwd"] += 1
+    # Without a residual the backward re-reads x itself as h.
+    return y.view(x.shape), (h if residual is not None else x2), rstd
+
+
+def _backward(dy, dh_out, h2, weight, rstd, has_residual):
+    tk = _kernels()
+    n_rows, n_cols = h2.shape
+    bc = tk.block_c(n_cols)
+    dy2 = _rows(dy)
+    dho2 = _rows(dh_out) if dh_out is not None else dy2
+    dx = torch.empty((n_rows, n_cols), dtype=h2.dtype, device=h2.device)
+    dr = torch.empty_like(dx) if has_residual else dx
+    programs = _backward_programs(n_rows, h2.device)
+    dg_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=h2.device)
+    tk.norm_bwd_kernel[(programs,)](
+        dy2, dho2, h2, weight, rstd, dx, dr, dg_partial,
+        dy2.stride(0), dho2.stride(0), h2.stride(0), dx.stride(0), dr.stride(0),
+        n_rows, n_cols,
+        HAS_DH_OUT=dh_out is not None, HAS_RESIDUAL=has_residual, BLOCK_C=bc,
+        num_warps=_num_warps(bc, h2.device),
+    )
+    launch_counts["norm_bwd"] += 1
+    dg = dg_partial.sum(dim=0).to(weight.dtype)
+    return dx, (dr if has_residual else None), dg
+
+
+class NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        # Gradients the caller does not use arrive as None (no zero tensors to read); see backward.
+        ctx.set_materialize_grads(False)
+        w = weight.contiguous()
+        y, h2, rstd = _forward(x, w, eps, residual)
+        ctx.save_for_backward(h2, w, rstd)
+        ctx.has_residual = residual is not None
+        ctx.x_shape = x.shape
+        if residual is None:
+            return y
+        h = h2.view(x.shape)
+        return y, h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_out=None):
+        h2, w, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used downstream
+            dy = torch.zeros(ctx.x_shape, dtype=h2.dtype, device=h2.device)
+        dx, dr, dg = _backward(dy, dh_out, h2, w, rstd, ctx.has_residual)
+        shape = ctx.x_shape
+        return dx.view(shape), dg, (dr.view(shape) if dr is not None else None), None
+
+
+def norm(x, weight, eps=1e-5, residual=None):
+    """iGPT norm; see the module docstring for the full contract.
+
+    Returns y, or (y, x + residual) when a residual is given. Raises TypeError for a wrong dtype/type and
+    ValueError for a wrong shape, device or value.
+    """
+    eps = _check_inputs(x, weight, eps, residual)
+    if x.numel() == 0 or not _use_triton(x.device):
+        return norm_reference(x, weight, eps, residual)
+    return NormFunction.apply(x, weight, residual, eps)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_norm_embedding_compile.py)
+# ------------------------------------------------------------------------------------------------------------------
+COMPILE_DTYPES = ("fp16", "bf16", "fp32")
+# The widths iGPT uses (tiny 256 / s 512 / m 1024 / l 1536 / xl 3072) land in these buckets.
+COMPILE_BLOCK_C = (256, 512, 1024, 2048, 4096)
+
+
+def _fwd_arguments(spec, cfg):
+    ptr = "*" + spec["dtype"]
+    return {"X": ptr, "R": ptr, "W": ptr, "Y": ptr, "H": ptr, "RSTD": "*fp32",
+            "stride_x": "i32:16", "stride_r": "i32:16", "stride_y": "i32:16", "stride_h": "i32:16",
+            "N_COLS": "i32", "eps": "fp32", "HAS_RESIDUAL": spec["residual"], **cfg.meta_dict()}
+
+
+def _bwd_arguments(spec, cfg):
+    ptr = "*" + spec["dtype"]
+    return {"DY": ptr, "DH_OUT": ptr, "H": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr, "DR": ptr,
+            "DG_PARTIAL": "*fp32", "stride_dy": "i32:16", "stride_dho": "i32:16", "stride_h": "i32:16",
+            "stride_dx": "i32:16", "stride_dr": "i32:16", "N_ROWS": "i32", "N_COLS": "i32",
+            "HAS_DH_OUT": spec["residual"], "HAS_RESIDUAL": spec["residual"], **cfg.meta_dict()}
+
+
+def _config(arch, bc):
+    from ._compile import KernelConfig
+
+    return KernelConfig((("BLOCK_C", bc),), _kernels().NUM_WARPS[arch][bc], 1)
+
+
+def _config_cases(arch):
+    # Every row-width bucket of the table, at the heaviest specialisation (fp32, fused residual).
+    return [(_config(arch, bc), {"dtype": "fp32", "residual": True, "block_c": bc})
+            for bc in _kernels().NUM_WARPS[arch]]
+
+
+def _specialisations():
+    return [{"dtype": dt, "residual": res, "block_c": bc}
+            for dt in COMPILE_DTYPES for res in (False, True) for bc in COMPILE_BLOCK_C]
+
+
+def compile_entries():
+    """Ahead-of-time compile entries of the norm kernels (see igpt_kernels._compile)."""
+    from . import _compile
+
+    def configs(arch, spec):
+        return [_config(arch, spec["block_c"])]
+
+    return [
+        _compile.KernelEntry(name="norm.fwd", kernel=lambda: _kernels().norm_fwd_kernel, arguments=_fwd_arguments,
+                             configs=configs, config_cases=_config_cases, specialisations=_specialisations),
+        _compile.KernelEntry(name="norm.bwd", kernel=lambda: _kernels().norm_bwd_kernel, arguments=_bwd_arguments,
+                             configs=configs, config_cases=_config_cases, specialisations=_specialisations),
+    ]
