@@ -38,14 +38,44 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+class EagerOps:
+    """The op implementations `Decoder` calls: plain PyTorch (SDPA attention)."""
+
+    @staticmethod
+    def norm(x, weight, eps):
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def attention(q, k, v, causal):
+        return sdpa_attention(q, k, v, causal)
+
+
+class FusedOps:
+    """The op implementations `FusedDecoder` calls: the Triton kernels of igpt_kernels (which run their torch
+    references on CPU tensors, and the kernels themselves under TRITON_INTERPRET=1)."""
+
+    @staticmethod
+    def norm(x, weight, eps):
+        from igpt_kernels import norm
+
+        return norm(x, weight, eps)
+
+    @staticmethod
+    def attention(q, k, v, causal):
+        from igpt_kernels import attention
+
+        return attention(q, k, v, causal=causal)
+
+
 class Norm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops=EagerOps):
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -79,8 +109,9 @@ def sdpa_attention(q, k, v, causal: bool):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: IGPTConfig):
+    def __init__(self, cfg: IGPTConfig, ops=EagerOps):
         super().__init__()
+        self.ops = ops
         self.n_head = cfg.n_head
         self.causal = cfg.causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
@@ -91,7 +122,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        y = sdpa_attention(q, k, v, causal=self.causal)
+        y = self.ops.attention(q, k, v, self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
@@ -108,11 +139,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: h += attn(norm(h)); h += mlp(norm(h))."""
 
-    def __init__(self, cfg: IGPTConfig):
+    def __init__(self, cfg: IGPTConfig, ops=EagerOps):
         super().__init__()
-        self.ln_1 = Norm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ln_2 = Norm(cfg.n_embd, cfg.norm_eps)
+        self.ln_1 = Norm(cfg.n_embd, cfg.norm_eps, ops)
+        self.attn = Attention(cfg, ops)
+        self.ln_2 = Norm(cfg.n_embd, cfg.norm_eps, ops)
         self.mlp = MLP(cfg)
 
     def forward(self, h, cache: KVCache | None = None, layer: int = 0):
@@ -138,6 +169,8 @@ class Decoder(nn.Module):
     BERT: logits = model(ids, bert_mask=m); m True = masked (token embedding zeroed); bidirectional attention.
     """
 
+    ops = EagerOps
+
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -145,8 +178,8 @@ class Decoder(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.sos = nn.Parameter(torch.zeros(C))
         self.wpe = nn.Embedding(cfg.n_ctx, C)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = Norm(C, cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg, self.ops) for _ in range(cfg.n_layer))
+        self.ln_f = Norm(C, cfg.norm_eps, self.ops)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         self.clf_head = nn.Linear(C, cfg.n_classes) if cfg.n_classes else None
         self.palette = None  # see attach_palette; not part of the state_dict
@@ -188,7 +221,9 @@ class Decoder(nn.Module):
         if ids.shape[1] > max_len:
             raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the context of {max_len} "
                              f"(resolution {self.cfg.resolution}); crop or resize the images")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+        # The range check syncs with the device; torch.compile cannot put that in a graph, so compiled models skip it.
+        if ids.numel() and not torch.compiler.is_compiling() and (
+                int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}, got range "
                              f"{int(ids.min())}..{int(ids.max())}")
 
@@ -217,21 +252,29 @@ class Decoder(nn.Module):
             tok = tok.masked_fill(bert_mask.unsqueeze(-1), 0.0)
         return tok + pos
 
+    def _embed_input(self, ids, pixels, bert_mask=None):
+        """(h^0, ids) for token ids or uint8 pixels (quantized through the attached palette)."""
+        ids = self._resolve_input(ids, pixels)
+        self._check_ids(ids)
+        self._check_bert_mask(ids, bert_mask)
+        return self.embed(ids, bert_mask), ids
+
+    def _trunk(self, h, keep_hidden: bool):
+        hidden = [h] if keep_hidden else None
+        for block in self.blocks:
+            h = block(h)
+            if keep_hidden:
+                hidden.append(h)
+        return self.ln_f(h), hidden
+
     # -- forward ---------------------------------------------------------------------------------------------------------
 
     def forward(self, ids: torch.Tensor | None = None, *, bert_mask: torch.Tensor | None = None,
                 pixels: torch.Tensor | None = None, return_hidden: bool = False, return_classes: bool = False):
         """Logits [B, N, V]; with return_hidden / return_classes an `IGPTOutput` (hidden states are the raw residual
         streams h^0..h^L, not normed; class logits come from the mean over positions of ln_f(h^L))."""
-        ids = self._resolve_input(ids, pixels)
-        self._check_ids(ids)
-        self._check_bert_mask(ids, bert_mask)
-        h = self.embed(ids, bert_mask)
-        hidden = [h]
-        for block in self.blocks:
-            h = block(h)
-            hidden.append(h)
-        x = self.ln_f(h)
+        h, _ = self._embed_input(ids, pixels, bert_mask)
+        x, hidden = self._trunk(h, keep_hidden=return_hidden)
         logits = self.lm_head(x)
         if not (return_hidden or return_classes):
             return logits
@@ -242,14 +285,14 @@ class Decoder(nn.Module):
             class_logits = self.clf_head(x.mean(dim=1))
         return IGPTOutput(logits, tuple(hidden) if return_hidden else None, class_logits)
 
-    def loss(self, ids: torch.Tensor, bert_mask: torch.Tensor | None = None, *,
+    def loss(self, ids: torch.Tensor | None = None, bert_mask: torch.Tensor | None = None, *,
              pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy in nats/token: AR mean over all tokens; BERT mean over the masked tokens."""
-        ids = self._resolve_input(ids, pixels)
         if self.cfg.objective == "bert" and bert_mask is None:
             raise ValueError("the BERT loss needs bert_mask (True = masked); draw one with "
-                             "igpt.model.random_bert_mask(ids.shape, generator=g)")
-        logits = self(ids, bert_mask=bert_mask)
+                             "igpt.model.random_bert_mask((B, N), generator=g)")
+        h, ids = self._embed_input(ids, pixels, bert_mask)
+        logits = self.lm_head(self._trunk(h, keep_hidden=False)[0])
         if bert_mask is None:
             return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
         if not bert_mask.any():
@@ -262,14 +305,12 @@ class Decoder(nn.Module):
         """Linear-probe features [len(layers), B, C]: f^l = mean_t(blocks[l].ln_1(h^l)) for l < L and
         f^L = mean_t(ln_f(h^L)); pooled as the forward pass goes (no [B, N, C] is kept per layer).
         BERT models see no mask here."""
-        ids = self._resolve_input(ids, pixels)
-        self._check_ids(ids)
         L = self.cfg.n_layer
         layers = list(range(L + 1)) if layers is None else [int(layer) for layer in layers]
         if not layers or any(not 0 <= layer <= L for layer in layers):
             raise ValueError(f"layers must be a non-empty list of indices in 0..{L}, got {layers}")
         pooled = {}
-        h = self.embed(ids)
+        h, _ = self._embed_input(ids, pixels)
         for l in range(max(layers) + 1):
             if l in layers:
                 norm = self.blocks[l].ln_1 if l < L else self.ln_f
@@ -288,10 +329,16 @@ class Decoder(nn.Module):
         return self
 
     def _resolve_input(self, ids, pixels):
+        """Token ids, or the palette ids of uint8 pixels."""
         if (ids is None) == (pixels is None):
             raise ValueError("pass exactly one of ids (token ids) or pixels (uint8 RGB)")
         if pixels is None:
             return ids
+        pixels = self._pixel_sequence(pixels)
+        return self.palette.quantize(pixels).to(self.wte.weight.device)
+
+    def _pixel_sequence(self, pixels) -> torch.Tensor:
+        """Checked uint8 pixels as a raster-order sequence [B, N, 3]."""
         if self.palette is None:
             raise ValueError("model(pixels=...) needs a palette: call model.attach_palette(Palette.load(...)) first")
         if not isinstance(pixels, torch.Tensor):
@@ -304,7 +351,11 @@ class Decoder(nn.Module):
             pixels = pixels.flatten(1, 2)
         if pixels.dim() != 3:
             raise ValueError(f"pixels must be [B, N, 3] or [B, H, W, 3], got shape {tuple(pixels.shape)}")
-        return self.palette.quantize(pixels).to(self.wte.weight.device)
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"pixels must be uint8 RGB values in 0..255, got {pixels.dtype}")
+        if pixels.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"{pixels.shape[1]} pixels exceed the context of {self.cfg.n_ctx} tokens")
+        return pixels
 
     # -- sampling ------------------------------------------------------------------------------------------------------
 
@@ -331,8 +382,9 @@ class Decoder(nn.Module):
         out = torch.empty(n, N, dtype=torch.long, device=device)
         P = prompt.shape[1]
         out[:, :P] = prompt
-        # Step 0 feeds SOS and the prompt (SOS + ids[:P]) so that the last position predicts token P.
-        x = torch.cat([self.sos.expand(n, 1, -1), self.wte(prompt)], dim=1) + self.wpe.weight[:P + 1]
+        # Step 0 feeds SOS and the prompt (the AR shift of prompt + one placeholder), so its last position predicts
+        # token P; every later step feeds the token just drawn at its own position.
+        x = self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1))
         for t in range(P, N):
             logits = self._decode_step(x, cache)[:, -1].float() / temperature
             if top_k is not None:
@@ -341,7 +393,7 @@ class Decoder(nn.Module):
             probs = torch.softmax(logits, dim=-1)
             out[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             if t + 1 < N:
-                x = self.wte(out[:, t:t + 1]) + self.wpe.weight[t + 1:t + 2]
+                x = self.embed(out[:, t:t + 1], pos_offset=t + 1, shift=False)
         return out
 
     def _decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -399,6 +451,38 @@ class Decoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class FusedDecoder(Decoder):
+    """`Decoder` on the Triton kernels of igpt_kernels: fused attention, norm and palette-lookup embedding.
+
+    Same config, parameters and state_dict as `Decoder`. On CUDA tensors it runs the kernels; on CPU tensors the
+    kernels' torch references (or, under TRITON_INTERPRET=1, the kernels themselves through the interpreter).
+    With a palette attached, `model(pixels=x)` quantizes inside the embedding kernel: the input pipeline ships 3 bytes
+    per token and no [B, N, 512] distance tensor is ever built.
+    """
+
+    ops = FusedOps
+
+    def embed(self, ids, bert_mask=None, pos_offset: int = 0, shift: bool = True):
+        from igpt_kernels import palette_embedding
+
+        sos = self.sos if self.cfg.objective == "ar" and shift else None
+        return palette_embedding(ids, self.wte.weight, self.wpe.weight, sos=sos, bert_mask=bert_mask,
+                                 pos_offset=pos_offset)[0]
+
+    def _embed_input(self, ids, pixels, bert_mask=None):
+        if pixels is None or (ids is not None):
+            return super()._embed_input(ids, pixels, bert_mask)
+        from igpt_kernels import palette_embedding
+
+        pixels = self._pixel_sequence(pixels).to(self.wte.weight.device)
+        if bert_mask is not None:
+            self._check_bert_mask(pixels[..., 0], bert_mask)
+        sos = self.sos if self.cfg.objective == "ar" else None
+        centres = self.palette.centres.to(pixels.device)
+        return palette_embedding(pixels, self.wte.weight, self.wpe.weight, centres=centres, sos=sos,
+                                 bert_mask=bert_mask)
 
 
 def random_bert_mask(shape, p: float = 0.15, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
