@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import collections
 import math
-import os
-import warnings
 
 import torch
 
+from ._dispatch import TritonDispatch
 from .reference import attention_reference
 
 __all__ = ["attention", "launch_counts", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
@@ -40,39 +39,9 @@ _PREPROCESS_BLOCK_M = 32  # delta = rowsum(dO * O) is memory bound; 64 rows spil
 
 launch_counts: collections.Counter = collections.Counter()
 
-_triton_kernels = None
-_warned_no_triton = False
-
-
-def _kernels():
-    """The Triton kernel module, imported on first use (import igpt_kernels must work without triton)."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        from . import _attention_triton
-
-        _triton_kernels = _attention_triton
-    return _triton_kernels
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_triton(device: torch.device) -> bool:
-    global _warned_no_triton
-    if device.type == "cuda":
-        if _triton_available():
-            return True
-        if not _warned_no_triton:
-            warnings.warn("triton is not installed: attention on CUDA tensors falls back to the (slow, O(N^2) memory) "
-                          "torch reference. Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
-            _warned_no_triton = True
-        return False
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+_dispatch = TritonDispatch("attention", "igpt_kernels._attention_triton")
+_kernels = _dispatch.kernels
+_use_triton = _dispatch.use_triton
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -18,12 +18,10 @@ torch reference, except under TRITON_INTERPRET=1. `launch_counts` counts launche
 from __future__ import annotations
 
 import collections
-import math
-import os
-import warnings
 
 import torch
 
+from ._dispatch import TritonDispatch
 from .reference import palette_embedding_reference, pixel_to_unit_table
 
 __all__ = ["palette_embedding", "launch_counts", "SUPPORTED_DTYPES"]
@@ -34,41 +32,10 @@ _RANGE_TOL = 1e-6
 
 launch_counts: collections.Counter = collections.Counter()
 
-_triton_kernels = None
-_warned_no_triton = False
+_dispatch = TritonDispatch("palette_embedding", "igpt_kernels._embedding_triton")
+_kernels = _dispatch.kernels
+_use_triton = _dispatch.use_triton
 _tables: dict = {}
-
-
-def _kernels():
-    """The Triton kernel module, imported on first use (import igpt_kernels must work without triton)."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        from . import _embedding_triton
-
-        _triton_kernels = _embedding_triton
-    return _triton_kernels
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_triton(device: torch.device) -> bool:
-    global _warned_no_triton
-    if device.type == "cuda":
-        if _triton_available():
-            return True
-        if not _warned_no_triton:
-            warnings.warn("triton is not installed: palette_embedding on CUDA tensors falls back to the torch "
-                          "reference (which builds a [B, N, V] distance tensor). Install triton for the fused "
-                          "kernel.", RuntimeWarning, stacklevel=3)
-            _warned_no_triton = True
-        return False
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pixel_table(device):

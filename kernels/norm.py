@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import collections
 import math
-import os
-import warnings
 
 import torch
 
+from ._dispatch import TritonDispatch
 from .reference import norm_reference
 
 __all__ = ["norm", "launch_counts", "MAX_COLS", "SUPPORTED_DTYPES"]
@@ -33,39 +32,9 @@ MAX_COLS = 8192
 
 launch_counts: collections.Counter = collections.Counter()
 
-_triton_kernels = None
-_warned_no_triton = False
-
-
-def _kernels():
-    """The Triton kernel module, imported on first use (import igpt_kernels must work without triton)."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        from . import _norm_triton
-
-        _triton_kernels = _norm_triton
-    return _triton_kernels
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _use_triton(device: torch.device) -> bool:
-    global _warned_no_triton
-    if device.type == "cuda":
-        if _triton_available():
-            return True
-        if not _warned_no_triton:
-            warnings.warn("triton is not installed: norm on CUDA tensors falls back to the torch reference. "
-                          "Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
-            _warned_no_triton = True
-        return False
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+_dispatch = TritonDispatch("norm", "igpt_kernels._norm_triton")
+_kernels = _dispatch.kernels
+_use_triton = _dispatch.use_triton
 
 
 # ------------------------------------------------------------------------------------------------------------------

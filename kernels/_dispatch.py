@@ -1,0 +1,39 @@
+"""Where an op runs, shared by every kernel module.
+
+CUDA tensors run the Triton kernels; CPU tensors run the torch reference, except under TRITON_INTERPRET=1, where the
+Triton kernels run on CPU tensors through the interpreter. Each op's Triton module is imported on first use, so
+`import igpt_kernels` works where triton is absent.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+
+class TritonDispatch:
+    def __init__(self, op: str, triton_module: str):
+        self.op = op
+        self.triton_module = triton_module  # e.g. "igpt_kernels._norm_triton"
+        self._module = None
+        self._warned = False
+
+    def kernels(self):
+        """The op's Triton kernel module (imported, with triton, on first use)."""
+        if self._module is None:
+            self._module = importlib.import_module(self.triton_module)
+        return self._module
+
+    def use_triton(self, device: torch.device) -> bool:
+        if device.type == "cuda":
+            if importlib.util.find_spec("triton") is not None:
+                return True
+            if not self._warned:
+                warnings.warn(f"triton is not installed: {self.op} on CUDA tensors falls back to the (slow) torch "
+                              "reference. Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
+                self._warned = True
+            return False
+        return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
