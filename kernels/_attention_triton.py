@@ -37,7 +37,11 @@ _M_INIT = tl.constexpr(-1.0e30)
 # call falls into. "d64"/"d128": fp16/bf16 with the (padded) head dim <= 64 / == 128; the dots run on tensor cores.
 # "fp32": every fp32 head dim. fp32 dots at IEEE precision run on FMA units, where triton keeps whole operand slices
 # (the full head dim) in registers, so fp32 needs small tiles, 8 warps and often a single stage to avoid spills
-# (4-warp 16x16 tiles still spill at D=96/128). Every entry is compiled
+# (4-warp 16x16 tiles still spill at D=96/128). Most small fp32 spills are not register shortage: triton emits
+# `.reqntid num_warps*32`, and ptxas then spills a few cheap values (thread-index bits) to fit the next occupancy
+# tier (64/72/80/96/128 registers); without .reqntid, or with a .maxnreg, the same PTX has no spills. Which
+# specialisation trips it is erratic, so the sm_80 fp32 backward entries carry a fifth field, maxnreg (255), and
+# every fp32 entry is checked over the full product. Every entry is compiled
 # for its target by tests/test_attention_compile.py (shared memory within the device limit, no register spills), and
 # `python -m igpt_kernels._compile` prints the table.
 #
@@ -67,7 +71,7 @@ BWD_DKDV_CONFIGS = {
     80: {
         "d64": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
         "d128": [(16, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
-        "fp32": [(16, 64, 8, 2), (16, 16, 4, 1)],
+        "fp32": [(16, 64, 8, 1, 255), (16, 32, 8, 1, 255)],
     },
     90: {
         "d64": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
@@ -80,7 +84,7 @@ BWD_DQ_CONFIGS = {
     80: {
         "d64": [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
         "d128": [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2)],
-        "fp32": [(32, 16, 4, 2), (64, 16, 8, 2)],
+        "fp32": [(32, 16, 4, 2, 255), (64, 16, 8, 1, 255)],
     },
     90: {
         "d64": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
@@ -113,9 +117,16 @@ def config_table_arch(capability_major_minor):
     return 90 if major == 9 else 80
 
 
+def unpack_entry(entry):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) -> five values, maxnreg None when not given."""
+    block_m, block_n, num_warps, num_stages, *maxnreg = entry
+    return block_m, block_n, num_warps, num_stages, (maxnreg[0] if maxnreg else None)
+
+
 def to_triton_config(entry):
-    block_m, block_n, num_warps, num_stages = entry
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+    block_m, block_n, num_warps, num_stages, maxnreg = unpack_entry(entry)
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                         maxnreg=maxnreg)
 
 
 def _autotune_configs(kind):

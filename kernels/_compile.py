@@ -41,11 +41,13 @@ class KernelConfig:
     meta: tuple  # ((name, value), ...) constexpr tile parameters, e.g. (("BLOCK_M", 128), ("BLOCK_N", 64))
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # register cap passed to ptxas (.maxnreg); None: ptxas decides
 
     @property
     def label(self) -> str:
         tiles = " ".join(f"{k.replace('BLOCK_', 'B')}={v}" for k, v in self.meta)
-        return f"{tiles} w{self.num_warps} s{self.num_stages}"
+        cap = f" r{self.maxnreg}" if self.maxnreg else ""
+        return f"{tiles} w{self.num_warps} s{self.num_stages}{cap}"
 
     def meta_dict(self) -> dict:
         return dict(self.meta)
@@ -249,6 +251,8 @@ def compile_case(case: CompileCase, keep_asm: bool = False) -> CompileResult:
     entry = entries()[case.kernel]
     spec = case.spec_dict()
     options = {"num_warps": case.config.num_warps, "num_stages": case.config.num_stages}
+    if case.config.maxnreg:
+        options["maxnreg"] = case.config.maxnreg
     start = time.perf_counter()
     src = _ast_source(entry.kernel(), entry.arguments(spec, case.config))
     # triton already runs ptxas -v while building the cubin; with dump_ptxas_log it prints that log, which saves a

@@ -13,6 +13,8 @@ Dispatch: CUDA tensors run the Triton kernels (in _attention_triton.py, imported
 torch reference (reference.py), except when the process runs under TRITON_INTERPRET=1, where the Triton kernels run
 on CPU tensors through the interpreter. `launch_counts` counts kernel launches by name ("attn_fwd",
 "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"), so tests can check that the Triton path really ran.
+The Triton path is the custom ops torch.ops.igpt.attention_fwd / attention_bwd (_custom_ops.py): torch.compile records
+them as opaque calls, so a model on them compiles with fullgraph=True.
 
 Memory: the Triton path allocates O(B*H*N*D) only (outputs, fp32 log-sum-exp and delta per row, an fp32 dQ buffer for
 the atomic variant); scores and probabilities live in registers, tile by tile.
@@ -24,6 +26,7 @@ import math
 
 import torch
 
+from ._custom_ops import custom_op
 from ._dispatch import TritonDispatch
 from .reference import attention_reference
 
@@ -195,20 +198,53 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, causal, sm_scale, deterministic):
-        o, lse = _forward(q, k, v, key_mask, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, key_mask)
-        ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
-        return o
+# ------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path is opaque to torch.compile (dynamo traces neither the autotuner nor the launches; the
+# fake implementations give it the output shapes). The entry point validates before calling them.
+# ------------------------------------------------------------------------------------------------------------------
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool,
+                   sm_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (out [B,H,Nq,D] in q's dtype, log-sum-exp [B,H,Nq] fp32). Inputs must be valid;
+    `deterministic` only selects the backward."""
+    return _forward(q, k, v, key_mask, causal, sm_scale)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse, key_mask = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, key_mask, ctx.causal, ctx.sm_scale, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+
+def _attention_fwd_fake(q, k, v, key_mask, causal, sm_scale, deterministic):
+    b, h, n_q, d = q.shape
+    return q.new_empty((b, h, n_q, d)), q.new_empty((b, h, n_q), dtype=torch.float32)
+
+
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, key_mask: torch.Tensor | None, causal: bool, sm_scale: float,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv), contiguous, in q's dtype."""
+    # The kernels index o and lse as contiguous (they are attention_fwd's outputs); do may have any strides.
+    return _backward(do, q, k, v, o.contiguous(), lse.contiguous(), key_mask, causal, sm_scale, deterministic)
+
+
+def _attention_bwd_fake(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, causal, sm_scale, deterministic = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_mask)
+    ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
+    ctx.set_materialize_grads(False)  # lse is never used downstream: no zero gradient to allocate for it
+
+
+def _backward_formula(ctx, do, _dlse):
+    q, k, v, o, lse, key_mask = ctx.saved_tensors
+    if do is None:
+        return None, None, None, None, None, None, None
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, key_mask, ctx.causal, ctx.sm_scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_bwd = custom_op("attention_bwd", _attention_bwd, fake=_attention_bwd_fake)
+attention_fwd = custom_op("attention_fwd", _attention_fwd, fake=_attention_fwd_fake, backward=_backward_formula,
+                          setup_context=_setup_context)
 
 
 def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False):
@@ -220,7 +256,7 @@ def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=Fa
     sm_scale = _check_inputs(q, k, v, causal, key_mask, sm_scale, deterministic)
     if q.numel() == 0 or not _use_triton(q.device):
         return attention_reference(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, key_mask, causal, sm_scale, deterministic)
+    return attention_fwd(q, k, v, key_mask, causal, sm_scale, deterministic)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -282,12 +318,17 @@ def _preprocess_arguments(spec, cfg):
 
 
 def _kernel_configs(kind, arch, spec):
-    from ._compile import KernelConfig
 
     tk = _kernels()
     group = tk.tile_group(spec["head_dim"], _ELEMENT_SIZE[spec["dtype"]])
-    return [KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s)
-            for bm, bn, w, s in tk.CONFIG_TABLES[kind][arch][group]]
+    return [_kernel_config(tk, entry) for entry in tk.CONFIG_TABLES[kind][arch][group]]
+
+
+def _kernel_config(tk, entry):
+    from ._compile import KernelConfig
+
+    bm, bn, w, s, maxnreg = tk.unpack_entry(entry)
+    return KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s, maxnreg)
 
 
 # Each config group is compiled at its widest head dim, causal with a key mask.
@@ -296,14 +337,13 @@ _REPRESENTATIVE = {"d64": ("fp16", 64), "d128": ("fp16", 128), "fp32": ("fp32", 
 
 def _config_cases(kind, extra):
     def cases(arch):
-        from ._compile import KernelConfig
 
         tk = _kernels()
         out = []
         for group, table in tk.CONFIG_TABLES[kind][arch].items():
             dtype, head_dim = _REPRESENTATIVE[group]
             spec = {"dtype": dtype, "head_dim": head_dim, "causal": True, "key_mask": True, **extra}
-            out += [(KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s), spec) for bm, bn, w, s in table]
+            out += [(_kernel_config(tk, entry), spec) for entry in table]
         return out
     return cases
 

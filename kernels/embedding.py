@@ -14,6 +14,8 @@ operation rounded on its own (no fma), ties -> lowest j: exactly reference.quant
 Dispatch: CUDA tensors run the Triton kernels (in _embedding_triton.py, imported on first use); CPU tensors run the
 torch reference, except under TRITON_INTERPRET=1. `launch_counts` counts launches ("embed_fwd", "embed_bwd_wte",
 "embed_bwd_wpe"). The fused forward never builds the [B, N, V] distance tensor; the backward has no float atomics.
+The Triton path is the custom ops torch.ops.igpt.palette_embedding_fwd / _bwd (_custom_ops.py), opaque to
+torch.compile.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import collections
 
 import torch
 
+from ._custom_ops import custom_op
 from ._dispatch import TritonDispatch
 from .reference import palette_embedding_reference, pixel_to_unit_table
 
@@ -213,28 +216,63 @@ def _backward(dh, ids, bert_mask, ar, wte_shape, wpe_shape, dtype, pos_offset, n
     return dwte, dwpe
 
 
-class PaletteEmbeddingFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, centres, bert_mask, wte, wpe, sos, pos_offset):
-        h, ids = _forward(x, wte, wpe, centres, sos, bert_mask, pos_offset)
-        ctx.save_for_backward(ids, bert_mask)
-        ctx.ar = sos is not None
-        ctx.pos_offset = pos_offset
-        ctx.shapes = (wte.shape, wpe.shape, wte.dtype)
-        ctx.mark_non_differentiable(ids)
-        return h, ids
+# ------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path is opaque to torch.compile (the fake implementations give it the output shapes). The
+# entry point validates before calling them. Custom ops return no None, so a gradient not asked for is empty.
+# ------------------------------------------------------------------------------------------------------------------
+def _palette_embedding_fwd(x: torch.Tensor, wte: torch.Tensor, wpe: torch.Tensor, centres: torch.Tensor | None,
+                           sos: torch.Tensor | None, bert_mask: torch.Tensor | None,
+                           pos_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (h [B,N,C] in wte's dtype, ids [B,N] int64). Inputs must be valid."""
+    h, ids = _forward(x, wte, wpe, centres, sos, bert_mask, pos_offset)
+    if ids is x:  # an op's output may not alias its input; a contiguous copy, as the fake implementation says
+        ids = x.clone(memory_format=torch.contiguous_format)
+    return h, ids
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh, _dids):
-        ids, bert_mask = ctx.saved_tensors
-        wte_shape, wpe_shape, dtype = ctx.shapes
-        need_wte, need_wpe, need_sos = ctx.needs_input_grad[3:6]
-        dwte, dwpe = _backward(dh, ids, bert_mask, ctx.ar, wte_shape, wpe_shape, dtype, ctx.pos_offset,
-                               need_wte, need_wpe or need_sos)
-        # sos feeds only h[:, 0], as wpe[p0] does: its gradient is the same batch sum.
-        dsos = dwpe[ctx.pos_offset].clone() if need_sos else None
-        return None, None, None, dwte, (dwpe if need_wpe else None), dsos, None
+
+def _palette_embedding_fwd_fake(x, wte, wpe, centres, sos, bert_mask, pos_offset):
+    b, n = x.shape[0], x.shape[1]
+    return wte.new_empty((b, n, wte.shape[1])), x.new_empty((b, n), dtype=torch.int64)
+
+
+def _palette_embedding_bwd(dh: torch.Tensor, ids: torch.Tensor, bert_mask: torch.Tensor | None, ar: bool,
+                           n_vocab: int, n_positions: int, pos_offset: int, need_wte: bool,
+                           need_wpe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backward: (dwte [V,C], dwpe [n_positions,C]) in dh's dtype; one not asked for is empty."""
+    n_embd = dh.shape[-1]
+    dwte, dwpe = _backward(dh, ids, bert_mask, ar, (n_vocab, n_embd), (n_positions, n_embd), dh.dtype, pos_offset,
+                           need_wte, need_wpe)
+    empty = dh.new_empty(0)
+    return (dwte if need_wte else empty), (dwpe if need_wpe else empty.clone())
+
+
+def _palette_embedding_bwd_fake(dh, ids, bert_mask, ar, n_vocab, n_positions, pos_offset, need_wte, need_wpe):
+    n_embd = dh.shape[-1]
+    return (dh.new_empty((n_vocab, n_embd) if need_wte else 0), dh.new_empty((n_positions, n_embd) if need_wpe else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    _x, wte, wpe, _centres, sos, bert_mask, pos_offset = inputs
+    _, ids = output
+    ctx.save_for_backward(ids, bert_mask)
+    ctx.ar = sos is not None
+    ctx.pos_offset = pos_offset
+    ctx.n_vocab, ctx.n_positions = wte.shape[0], wpe.shape[0]
+
+
+def _backward_formula(ctx, dh, _dids):
+    ids, bert_mask = ctx.saved_tensors
+    need_wte, need_wpe, need_sos = ctx.needs_input_grad[1:3] + ctx.needs_input_grad[4:5]
+    dwte, dwpe = palette_embedding_bwd(dh, ids, bert_mask, ctx.ar, ctx.n_vocab, ctx.n_positions, ctx.pos_offset,
+                                       need_wte, need_wpe or need_sos)
+    # sos feeds only h[:, 0], as wpe[p0] does: its gradient is the same batch sum.
+    dsos = dwpe[ctx.pos_offset].clone() if need_sos else None
+    return None, (dwte if need_wte else None), (dwpe if need_wpe else None), None, dsos, None, None
+
+
+palette_embedding_bwd = custom_op("palette_embedding_bwd", _palette_embedding_bwd, fake=_palette_embedding_bwd_fake)
+palette_embedding_fwd = custom_op("palette_embedding_fwd", _palette_embedding_fwd, fake=_palette_embedding_fwd_fake,
+                                  backward=_backward_formula, setup_context=_setup_context)
 
 
 def palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0):
@@ -246,7 +284,8 @@ def palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, po
     if x.numel() == 0 or not _use_triton(wte.device):
         return palette_embedding_reference(x, wte, wpe, centres=centres, sos=sos, bert_mask=bert_mask,
                                            pos_offset=pos_offset)
-    return PaletteEmbeddingFunction.apply(x, centres, bert_mask, wte, wpe, sos, pos_offset)
+    h, ids = palette_embedding_fwd(x, wte, wpe, centres, sos, bert_mask, pos_offset)
+    return h, (x if x.dtype == torch.int64 else ids)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ read and write of the activation per block: the pre-norm block computes `h = h +
 Dispatch: CUDA tensors run the Triton kernels (in _norm_triton.py, imported on first use); CPU tensors run the torch
 reference (reference.py), except under TRITON_INTERPRET=1, where the Triton kernels run through the interpreter.
 `launch_counts` counts launches ("norm_fwd", "norm_bwd") so tests can check that the Triton path really ran.
+The Triton path is the custom ops torch.ops.igpt.norm_fwd / norm_bwd (_custom_ops.py), opaque to torch.compile.
 
 Determinism: dweight is reduced through a [programs, C] fp32 buffer of per-program partial sums and one torch sum,
 never float atomics, so every gradient is bit-reproducible run to run.
@@ -21,6 +22,7 @@ import math
 
 import torch
 
+from ._custom_ops import custom_op
 from ._dispatch import TritonDispatch
 from .reference import norm_reference
 
@@ -144,30 +146,60 @@ def _backward(dy, dh_out, h2, weight, rstd, has_residual):
     return dx, (dr if has_residual else None), dg
 
 
-class NormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps):
-        # Gradients the caller does not use arrive as None (no zero tensors to read); see backward.
-        ctx.set_materialize_grads(False)
-        w = weight.contiguous()
-        y, h2, rstd = _forward(x, w, eps, residual)
-        ctx.save_for_backward(h2, w, rstd)
-        ctx.has_residual = residual is not None
-        ctx.x_shape = x.shape
-        if residual is None:
-            return y
-        h = h2.view(x.shape)
-        return y, h
+# ------------------------------------------------------------------------------------------------------------------
+# Custom ops: the Triton path is opaque to torch.compile (the fake implementations give it the output shapes). The
+# entry point validates before calling them. Custom ops return no None, so an absent output is an empty tensor.
+# ------------------------------------------------------------------------------------------------------------------
+def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward: (y, h = x + residual (empty without a residual), rstd [rows] fp32). Inputs must be valid."""
+    y, h2, rstd = _forward(x, weight, eps, residual)
+    h = h2.view(x.shape) if residual is not None else x.new_empty(0)
+    return y, h, rstd
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh_out=None):
-        h2, w, rstd = ctx.saved_tensors
-        if dy is None:  # only h was used downstream
-            dy = torch.zeros(ctx.x_shape, dtype=h2.dtype, device=h2.device)
-        dx, dr, dg = _backward(dy, dh_out, h2, w, rstd, ctx.has_residual)
-        shape = ctx.x_shape
-        return dx.view(shape), dg, (dr.view(shape) if dr is not None else None), None
+
+def _norm_fwd_fake(x, weight, residual, eps):
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), h, x.new_empty(math.prod(x.shape[:-1]), dtype=torch.float32)
+
+
+def _norm_bwd(dy: torch.Tensor, dh_out: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              has_residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dx, d residual (empty without a residual), dweight). h is the normalised input (x + residual,
+    or x), dh_out the gradient reaching h from downstream (None where h was not used)."""
+    dx, dr, dg = _backward(dy, dh_out, _rows(h), weight, rstd, has_residual)
+    return dx.view(h.shape), (dr.view(h.shape) if dr is not None else h.new_empty(0)), dg
+
+
+def _norm_bwd_fake(dy, dh_out, h, weight, rstd, has_residual):
+    return h.new_empty(h.shape), h.new_empty(h.shape if has_residual else 0), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _eps = inputs
+    _, h, rstd = output
+    ctx.has_residual = residual is not None
+    # Without a residual the backward re-reads x itself as h.
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+    # Gradients the caller does not use arrive as None (no zero tensors to read); see the backward.
+    ctx.set_materialize_grads(False)
+
+
+def _backward_formula(ctx, dy, dh_out, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    if not ctx.has_residual:
+        dh_out = None  # the gradient of the empty placeholder output (torch.compile passes one)
+    if dy is None and dh_out is None:
+        return None, None, None, None
+    if dy is None:  # only h was used downstream
+        dy = torch.zeros_like(h)
+    dx, dr, dg = norm_bwd(dy, dh_out, h, weight, rstd, ctx.has_residual)
+    return dx, dg, (dr if ctx.has_residual else None), None
+
+
+norm_bwd = custom_op("norm_bwd", _norm_bwd, fake=_norm_bwd_fake)
+norm_fwd = custom_op("norm_fwd", _norm_fwd, fake=_norm_fwd_fake, backward=_backward_formula,
+                     setup_context=_setup_context)
 
 
 def norm(x, weight, eps=1e-5, residual=None):
@@ -179,7 +211,8 @@ def norm(x, weight, eps=1e-5, residual=None):
     eps = _check_inputs(x, weight, eps, residual)
     if x.numel() == 0 or not _use_triton(x.device):
         return norm_reference(x, weight, eps, residual)
-    return NormFunction.apply(x, weight, residual, eps)
+    y, h, _ = norm_fwd(x, weight.contiguous(), residual, eps)
+    return y if residual is None else (y, h)
 
 
 # ------------------------------------------------------------------------------------------------------------------
