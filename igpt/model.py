@@ -498,8 +498,11 @@ def _atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same directory and rename it, so a crash never leaves a torn file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; published weights get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
