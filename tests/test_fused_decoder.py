@@ -73,3 +73,18 @@ def test_torch_compile_fullgraph_training_step_on_cpu():
     opt = torch.optim.AdamW(fused.parameters(), lr=1e-2)
     opt.step()
     assert compiled_loss(ids).item() < loss.item()
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_on_gpu_runs_the_kernels():
+    from igpt_kernels.attention import launch_counts as attention_launches
+
+    cfg = tiny_config()
+    eager, fused = randomized_pair(cfg)
+    eager, fused = eager.cuda(), fused.cuda()
+    ids = torch.randint(0, 512, (2, cfg.n_ctx), device="cuda")
+    before = sum(attention_launches.values())
+    loss = torch.compile(fused.loss, fullgraph=True)(ids)
+    loss.backward()
+    torch.testing.assert_close(loss, eager.loss(ids), rtol=1e-4, atol=1e-4)
+    assert sum(attention_launches.values()) > before
