@@ -50,7 +50,9 @@ _M_INIT = tl.constexpr(-1.0e30)
 # exist for KV-cache decode (Nq = 1..16), where a 128-row tile would be mostly padding. Ampere gets fewer pipeline
 # stages: its shared memory is 163 KiB and cp.async pipelining gains less beyond 2-3 stages.
 # In dK/dV the roles flip: the program owns BLOCK_N keys (the MMA M dimension) and streams BLOCK_M queries; it holds
-# two [BLOCK_N, D] fp32 accumulators, hence the small BLOCK_M there.
+# two [BLOCK_N, D] fp32 accumulators, hence the small BLOCK_M there. On sm_80 the fp16/bf16 backward at D = 96/128
+# hits the 255-register cap with 4-warp 64-row tiles (and with a 2-stage 128x32 dQ tile), so those entries use 8 warps
+# or one stage; D = 96 spills first because its masked loads of the padded head dim need extra registers.
 # ------------------------------------------------------------------------------------------------------------------
 TILE_GROUPS = ("d64", "d128", "fp32")
 
@@ -70,7 +72,7 @@ FWD_CONFIGS = {
 BWD_DKDV_CONFIGS = {
     80: {
         "d64": [(32, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
-        "d128": [(16, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+        "d128": [(16, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2)],
         "fp32": [(16, 64, 8, 1, 255), (16, 32, 8, 1, 255)],
     },
     90: {
@@ -83,7 +85,7 @@ BWD_DKDV_CONFIGS = {
 BWD_DQ_CONFIGS = {
     80: {
         "d64": [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
-        "d128": [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2)],
+        "d128": [(128, 32, 8, 1), (64, 32, 8, 2), (32, 32, 4, 2)],
         "fp32": [(32, 16, 4, 2, 255), (64, 16, 8, 1, 255)],
     },
     90: {
