@@ -64,7 +64,8 @@ class FusedOps:
     def attention(q, k, v, causal):
         from igpt_kernels import attention
 
-        return attention(q, k, v, causal=causal)
+        # torch.use_deterministic_algorithms(True) (the trainer's --deterministic) selects the atomic-free backward
+        return attention(q, k, v, causal=causal, deterministic=torch.are_deterministic_algorithms_enabled())
 
 
 class Norm(nn.Module):
@@ -286,18 +287,21 @@ class Decoder(nn.Module):
         return IGPTOutput(logits, tuple(hidden) if return_hidden else None, class_logits)
 
     def loss(self, ids: torch.Tensor | None = None, bert_mask: torch.Tensor | None = None, *,
-             pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy in nats/token: AR mean over all tokens; BERT mean over the masked tokens."""
+             pixels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats/token: AR mean over all tokens; BERT mean over the masked tokens.
+        reduction="sum" gives the sum instead (the trainer divides by the global token count across ranks)."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if self.cfg.objective == "bert" and bert_mask is None:
             raise ValueError("the BERT loss needs bert_mask (True = masked); draw one with "
                              "igpt.model.random_bert_mask((B, N), generator=g)")
         h, ids = self._embed_input(ids, pixels, bert_mask)
         logits = self.lm_head(self._trunk(h, keep_hidden=False)[0])
         if bert_mask is None:
-            return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
-        if not bert_mask.any():
+            return F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction=reduction)
+        if reduction == "mean" and not bert_mask.any():
             raise ValueError("bert_mask masks no token, so the BERT loss is undefined")
-        return F.cross_entropy(logits[bert_mask].float(), ids[bert_mask])
+        return F.cross_entropy(logits[bert_mask].float(), ids[bert_mask], reduction=reduction)
 
     @torch.no_grad()
     def features(self, ids: torch.Tensor | None = None, layers=None, *,
@@ -427,8 +431,14 @@ class Decoder(nn.Module):
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{config}: not a valid iGPT config.json ({e})") from e
         model = cls(cfg)
-        model.load_state_dict(_load_safetensors(weights, map_location))
-        palette_file = weights.parent / PALETTE_NAME
+        if weights.is_dir():  # a resumable step-N checkpoint (DCP: trusted sources only)
+            from igpt.checkpoint import load_model_weights
+
+            state = {k: v.to(map_location) for k, v in load_model_weights(weights).items()}
+        else:
+            state = _load_safetensors(weights, map_location)
+        model.load_state_dict(state)
+        palette_file = (weights if weights.is_dir() else weights.parent) / PALETTE_NAME
         if palette_file.exists():
             from igpt.palette import Palette
 
@@ -511,18 +521,25 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _resolve_weights(path: Path) -> tuple[Path, Path]:
+    """(weights, config.json): weights is a .safetensors file, or a step-N checkpoint directory (DCP)."""
     if path.is_dir():
+        from igpt.checkpoint import MANIFEST, latest
+
         weights = path / WEIGHTS_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}: pass a run directory with final weights, "
-                                    "or the .safetensors file itself")
+        if (path / MANIFEST).exists():  # a step-N checkpoint
+            weights = path
+        elif not weights.exists():  # a run dir without final weights: its latest checkpoint
+            weights = latest(path / "checkpoints")
+            if weights is None:
+                raise FileNotFoundError(f"no {WEIGHTS_NAME} and no checkpoints/step-N in {path}: pass a run "
+                                        "directory, a step-N checkpoint directory, or a .safetensors file")
     elif path.suffix == ".safetensors":
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         weights = path
     else:
         raise ValueError(f"{path}: expected a directory or a .safetensors file")
-    config = weights.parent / CONFIG_NAME
+    config = (weights if weights.is_dir() else weights.parent) / CONFIG_NAME
     if not config.exists():
         raise FileNotFoundError(f"{config} is missing: the weights need the config.json they were saved with")
     return weights, config

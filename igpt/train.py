@@ -1,9 +1,18 @@
-"""Train an iGPT model: `torchrun igpt/train.py --out runs/demo` (also `python -m igpt.train`).
+"""Train an iGPT model: `torchrun [--nproc_per_node=K] igpt/train.py --out runs/demo` (also `python -m igpt.train`).
 
-The default trains the tiny preset on the embedded `shapes` dataset, offline, in a few minutes on 2 CPU cores, and
-writes RUN_DIR/model.safetensors + config.json + palette.npy (loadable with `Decoder.from_pretrained(RUN_DIR)`) and
-RUN_DIR/metrics.jsonl. This is the single-process trainer; FSDP2, activation checkpointing and resumable checkpoints
-arrive with the "Training at scale" work.
+The default trains the tiny preset on the embedded `shapes` dataset, offline, in a few minutes on 2 CPU cores.
+With K processes (nccl on GPU, gloo on CPU) the model is sharded with FSDP2: `fully_shard` per block, then the root,
+after activation checkpointing is applied per block (torchtitan's order, all in `parallelize`). The global batch and
+its order do not depend on K: each step reads one global batch from a per-epoch permutation of the dataset and every
+rank takes its slice, so K processes follow the 1-process run to fp32 tolerance, and a resume on any K continues it.
+
+The loss is a global sum over the global token count (AR: every token; BERT: the masked ones), so gradient
+accumulation and any split across ranks give the same gradient as one big batch.
+
+Run directory:
+  metrics.jsonl                 one JSON object per step: step, loss (nats/token), lr, grad_norm, tokens_per_s, ...
+  checkpoints/step-N/           resumable DCP checkpoints (`--ckpt-every`, `--keep`; trusted sources only: pickle)
+  model.safetensors, config.json, palette.npy   the final weights (`Decoder.from_pretrained(RUN_DIR)`)
 """
 from __future__ import annotations
 
@@ -17,42 +26,73 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from igpt import checkpoint
 from igpt.config import PRESETS, IGPTConfig
-from igpt.data import TEST_START, make_shapes
-from igpt.model import Decoder, random_bert_mask
+from igpt.data import BatchLoader, bert_mask_for, open_source
+from igpt.model import CONFIG_NAME, PALETTE_NAME, Decoder, FusedDecoder
 from igpt.palette import Palette
 
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; other devices print no MFU rather than a guess.
+GPU_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Arguments a resume must agree with: they define the model, the data order and the loss.
+RESUME_MUST_MATCH = ("preset", "resolution", "objective", "dataset", "batch_size", "seed")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=32, help="image side: 16, 32 (default), 48, 64 (any >= 8)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"])
-    p.add_argument("--dataset", default="shapes", help="shapes (embedded, no download)")
+    p.add_argument("--dataset", default="shapes",
+                   help="shapes (embedded, no download) | hub id | imagefolder:DIR | DIR (a save_to_disk dataset)")
+    p.add_argument("--image-column", default=None, help="image column of a Hugging Face dataset (default: detected)")
+    p.add_argument("--label-column", default=None, help="label column (default: detected)")
     p.add_argument("--palette", default=None, help="palette .npy/.safetensors (default: fit on the training data)")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16, help="images per step")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (images per step, over all ranks)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--weight-decay", type=float, default=0.0, help="the paper uses none (torch's AdamW default: 0.01)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on GPU and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else fp32")
+    p.add_argument("--ac", default="none", help="activation checkpointing per block: none | full | every-K")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (needed for bit-identical resumes on GPU)")
+    p.add_argument("--workers", type=int, default=None, help="data decoding processes per rank (default: 0 for "
+                   "shapes, 2 otherwise)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=0, help="save a resumable checkpoint every N steps (0: never)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--out", default="runs/demo", help="run directory")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        p.error("--steps and --batch-size must be >= 1")
-    if args.resolution < 1:
-        p.error("--resolution must be >= 1")
+    if args.resolution < 8:
+        p.error("--resolution must be >= 8 (the paper uses 32, 48, 64)")
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "keep"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.ckpt_every < 0 or args.warmup < 0:
+        p.error("--ckpt-every and --warmup must be >= 0")
+    try:
+        parse_ac(args.ac)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision, schedule, FLOPs
 
 
 def cpu_has_native_bf16() -> bool:
@@ -82,103 +122,308 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class ShapesSource:
-    """Batches of the embedded dataset; image i is a pure function of (seed, i), so any step can be rebuilt."""
-
-    def __init__(self, resolution: int, seed: int, offset: int = 0):
-        self.resolution, self.seed, self.offset = resolution, seed, offset
-
-    def images(self, start: int, n: int) -> torch.Tensor:
-        return make_shapes(n, resolution=self.resolution, seed=self.seed, start=self.offset + start)[0]
-
-
-def make_source(args, split: str):
-    if args.dataset != "shapes":
-        raise ValueError(f"--dataset {args.dataset!r}: this trainer reads the embedded 'shapes' dataset only; "
-                         "Hugging Face datasets (hub id, imagefolder:DIR, save_to_disk DIR) are not wired in yet")
-    return ShapesSource(args.resolution, args.seed, offset=TEST_START if split == "test" else 0)
+def train_flops_per_token(cfg: IGPTConfig) -> float:
+    """Useful training FLOPs per token: 6 x (matmul weights) + attention 12·L·N·C (half when causal).
+    Activation-checkpoint recomputation is not useful work and is not counted."""
+    C, L, N = cfg.n_embd, cfg.n_layer, cfg.n_ctx
+    matmul_weights = L * 12 * C * C + cfg.vocab_size * C
+    attention = 12 * L * N * C * (0.5 if cfg.objective == "ar" else 1.0)
+    return 6 * matmul_weights + attention
 
 
-def load_or_fit_palette(args, source) -> Palette:
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parallelism: activation checkpointing, then FSDP2 per block, then the root — in one place
+
+
+def parse_ac(mode: str) -> int:
+    """'none' -> 0, 'full' -> 1 (every block), 'every-K' -> K (blocks 0, K, 2K, ...)."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return 1
+    if mode.startswith("every-") and mode[6:].isdigit() and int(mode[6:]) >= 1:
+        return int(mode[6:])
+    raise ValueError(f"--ac must be none, full or every-K with K >= 1 (e.g. every-2), got {mode!r}")
+
+
+def apply_activation_checkpointing(model: Decoder, mode: str) -> Decoder:
+    """Wrap blocks in torch's non-reentrant checkpoint wrapper: only each wrapped block's input is saved in the
+    forward pass and its activations are recomputed in the backward. The state_dict keys do not change."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    every = parse_ac(mode)
+    if every:
+        for i, block in enumerate(model.blocks):
+            if i % every == 0:
+                model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
+
+
+def parallelize(model: Decoder, *, ac: str, world_size: int, device: torch.device, amp_dtype: torch.dtype) -> Decoder:
+    """AC per block -> fully_shard per block -> fully_shard(root). One process: AC only."""
+    apply_activation_checkpointing(model, ac)
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    # bf16 params for compute on GPU with fp32 gradient reduction; on CPU (gloo) autocast does the casting.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and amp_dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "loss")  # the trainer calls model.loss(), not forward(): hook it too
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def print(self, *a) -> None:
+        if self.main:
+            print(*a, flush=True)
+
+
+def setup_env() -> Env:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(rank, world_size, local_rank, device)
+
+
+def load_or_fit_palette(args, source, env: Env, out: Path) -> Palette:
+    """--palette, else the run dir's palette (a resume), else fit on rank 0 on a sample of the training set and
+    broadcast, so every rank quantizes with the same centres."""
     if args.palette:
         return Palette.load(args.palette)
-    n_images = max(256, 2 ** 16 // args.resolution ** 2)  # >= 64k pixels: plenty for 512 centres
-    return Palette.fit(source.images(0, n_images).reshape(-1, 3), n_clusters=512, seed=args.seed)
+    saved = out / PALETTE_NAME
+    if args.resume and saved.exists():
+        return Palette.load(saved)
+    centres = torch.empty(512, 3)
+    if env.main:
+        n_images = min(len(source), max(256, 2 ** 16 // args.resolution ** 2))  # >= 64k pixels for 512 centres
+        g = torch.Generator().manual_seed(args.seed)
+        sample = torch.randperm(len(source), generator=g)[:n_images].sort().values
+        pixels = source.get(sample.tolist(), train=False)[0]
+        centres = Palette.fit(pixels.reshape(-1, 3), n_clusters=512, seed=args.seed).centres.float()
+    if env.world_size > 1:
+        centres = centres.to(env.device)
+        dist.broadcast(centres, src=0)
+    return Palette(centres.cpu())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("multi-process training (FSDP2) is not implemented yet: run with one process "
-                         "(torchrun --nproc_per_node=1 or plain python)")
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = setup_env()
+    try:
+        return train(args, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, env: Env):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_state_dict)
+
+    device = env.device
+    if args.batch_size % (env.world_size * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
+                         f"({env.world_size} x {args.grad_accum})")
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
     amp_dtype = pick_precision(args.precision, device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    resume_from = checkpoint.latest(ckpt_root) if args.resume else None
+    if args.resume and resume_from is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_root} (save some with --ckpt-every N)")
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     cfg = IGPTConfig.preset(args.preset, resolution=args.resolution, objective=args.objective)
-    train_src, eval_src = make_source(args, "train"), make_source(args, "test")
+    kw = dict(seed=args.seed, image_column=args.image_column, label_column=args.label_column)
+    train_src = open_source(args.dataset, "train", args.resolution, **kw)
+    eval_src = open_source(args.dataset, "test", args.resolution, **kw)
+    workers = args.workers if args.workers is not None else (0 if args.dataset == "shapes" else 2)
     t0 = time.time()
-    palette = load_or_fit_palette(args, train_src)
-    print(f"palette: {len(palette)} colours ({time.time() - t0:.1f}s)", flush=True)
-    model = Decoder(cfg).to(device).attach_palette(palette)
+    palette = load_or_fit_palette(args, train_src, env, out)
+    if env.main and not (out / PALETTE_NAME).exists():
+        palette.save(out / PALETTE_NAME)
+    env.print(f"data: {train_src!r}; palette: {len(palette)} colours ({time.time() - t0:.1f}s)")
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (and for any number of ranks)
+    model_cls = FusedDecoder if device.type == "cuda" else Decoder  # on CPU both run the same torch ops
+    model = model_cls(cfg).to(device).attach_palette(palette)
+    n_params = model.num_params()
+    model = parallelize(model, ac=args.ac, world_size=env.world_size, device=device, amp_dtype=amp_dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    print(f"model: {args.preset} {cfg.n_layer}L-{cfg.n_embd} ({model.num_params() / 1e6:.2f}M params), "
-          f"{cfg.objective}, {cfg.resolution}x{cfg.resolution} ({cfg.n_ctx} tokens), device {device}, "
-          f"precision {str(amp_dtype).removeprefix('torch.')}", flush=True)
+    env.print(f"model: {args.preset} {cfg.n_layer}L-{cfg.n_embd} ({n_params / 1e6:.2f}M params), {cfg.objective}, "
+              f"{cfg.resolution}x{cfg.resolution} ({cfg.n_ctx} tokens), {env.world_size} process(es) on {device.type}"
+              f"{' with FSDP2' if env.world_size > 1 else ''}, precision {str(amp_dtype).removeprefix('torch.')}, "
+              f"ac {args.ac}, global batch {args.batch_size} x {args.grad_accum if args.grad_accum > 1 else 1} "
+              f"micro-batch(es)")
 
-    mask_gen = torch.Generator().manual_seed(args.seed)
+    trainer_state = {"world_size": env.world_size, "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
+    start_step = 0
+    if resume_from is not None:
+        msd, osd = get_state_dict(model, opt)
+        app_state = {"model": msd, "optim": osd}
+        saved = checkpoint.load(resume_from, app_state)
+        mismatched = {k: (v, getattr(args, k)) for k, v in saved["args"].items() if getattr(args, k) != v}
+        if mismatched:
+            raise SystemExit(f"--resume: {resume_from} was saved with different arguments "
+                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in
+                                         mismatched.items()) + "; rerun with the saved values or a new --out")
+        set_state_dict(model, opt, model_state_dict=app_state["model"], optim_state_dict=app_state["optim"])
+        start_step = saved["step"]
+        env.print(f"resumed from {resume_from} at step {start_step}")
 
-    def batch(source, step: int, generator=None):
-        ids = palette.quantize(source.images(step * args.batch_size, args.batch_size).flatten(1, 2)).to(device)
-        mask = None
-        if cfg.objective == "bert":
-            mask = random_bert_mask(ids.shape, generator=generator if generator is not None else mask_gen).to(device)
+    def save_checkpoint(step: int):
+        msd, osd = get_state_dict(model, opt)
+        path = checkpoint.save(ckpt_root, step, {"model": msd, "optim": osd}, trainer_state, keep=args.keep,
+                               extra_files={CONFIG_NAME: lambda p: p.write_text(cfg.to_json()),
+                                            PALETTE_NAME: palette.save})
+        env.print(f"checkpoint {path}")
+
+    loader = BatchLoader(train_src, args.batch_size, rank=env.rank, world_size=env.world_size, seed=args.seed,
+                         num_workers=workers, train=True)
+    eval_loader = BatchLoader(eval_src, args.batch_size, rank=env.rank, world_size=env.world_size,
+                              seed=args.seed, train=False)
+
+    def tokens_and_masks(images, indices, step, seed):
+        ids = palette.quantize(images.flatten(1, 2)).to(device)
+        mask = bert_mask_for(indices, step, cfg.n_ctx, seed).to(device) if cfg.objective == "bert" else None
         return ids, mask
 
-    def step_loss(ids, mask):
+    def loss_sum(ids, mask):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            return model.loss(ids, mask)
+            return model.loss(ids, mask, reduction="sum")
+
+    def counted(mask, ids) -> int:
+        return int(mask.sum()) if mask is not None else ids.numel()
 
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
-        g = torch.Generator().manual_seed(args.seed + 1)  # the same eval masks every time
-        losses = [step_loss(*batch(eval_src, i, g)).item() for i in range(args.eval_batches)]
+        total = count = 0.0
+        for i in range(args.eval_batches):
+            images, _, idx = eval_loader.batch(i)
+            ids, mask = tokens_and_masks(images, idx, i, args.seed + 1)  # the same eval masks every time
+            total += loss_sum(ids, mask).item()
+            count += counted(mask, ids)
         model.train()
-        return sum(losses) / len(losses)
+        total, count = env.all_sum(total, count)
+        return total / max(count, 1)
 
-    metrics = open(out / "metrics.jsonl", "w")
+    metrics_path = out / "metrics.jsonl"
+    if env.main:
+        keep_lines = []
+        if resume_from is not None and metrics_path.exists():  # drop what the interrupted run logged after the checkpoint
+            keep_lines = [line for line in metrics_path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start_step]
+        metrics_path.write_text("".join(line + "\n" for line in keep_lines))
+    metrics = open(metrics_path, "a") if env.main else None
+    flops_per_token, peak = train_flops_per_token(cfg), gpu_peak_flops(device)
     tokens_per_step = args.batch_size * cfg.n_ctx
-    t_start = time.time()
-    for step in range(args.steps):
+    t_start, steps_done = time.time(), 0
+    for step, images, _, indices in loader.iterate(start_step, args.steps):
         t_step = time.time()
         lr = lr_at(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = step_loss(*batch(train_src, step))
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        ids, mask = tokens_and_masks(images, indices, step, args.seed)
+        # Global token count first, so that every micro-batch's loss is scaled to the global mean.
+        (global_count,) = env.all_sum(counted(mask, ids))
+        scale = env.world_size / max(global_count, 1)  # FSDP averages gradients over ranks
+        micro = ids.shape[0] // args.grad_accum
+        local_sum = 0.0
+        for m in range(args.grad_accum):
+            part = slice(m * micro, (m + 1) * micro)
+            if env.world_size > 1:
+                model.set_requires_gradient_sync(m == args.grad_accum - 1)
+            loss = loss_sum(ids[part], mask[part] if mask is not None else None)
+            (loss * scale).backward()
+            local_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": tokens_per_step / (time.time() - t_step)}
+        (loss_total,) = env.all_sum(local_sum)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.time() - t_step
+        steps_done += 1
+        record = {"step": step + 1, "loss": loss_total / global_count, "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_s": tokens_per_step / seconds}
+        if peak:
+            record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * env.world_size)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             record["eval_loss"] = evaluate()
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if (step + 1) % args.log_every == 0 or step == 0 or "eval_loss" in record:
+        if env.main:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+            save_checkpoint(step + 1)
+        if (step + 1) % args.log_every == 0 or steps_done == 1 or "eval_loss" in record:
             elapsed = time.time() - t_start
-            eta = elapsed / (step + 1) * (args.steps - step - 1)
             line = (f"step {step + 1:>5}/{args.steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                    f"{tokens_per_step * (step + 1) / elapsed:,.0f} tok/s  eta {eta:.0f}s")
+                    f"{tokens_per_step * steps_done / elapsed:,.0f} tok/s")
+            if "mfu" in record:
+                line += f"  mfu {record['mfu']:.1%}"
+            line += f"  eta {elapsed / steps_done * (args.steps - step - 1):.0f}s"
             if "eval_loss" in record:
                 line += f"  eval_loss {record['eval_loss']:.4f}"
-            print(line, flush=True)
-    metrics.close()
-    model.save_pretrained(out)
-    print(f"saved {out / 'model.safetensors'}, config.json, palette.npy in {time.time() - t0:.0f}s", flush=True)
+            env.print(line)
+    if metrics is not None:
+        metrics.close()
+
+    # Final weights: gather the full state dict and publish safetensors + config.json + palette.npy from rank 0.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.main:
+        final = Decoder(cfg).attach_palette(palette)
+        final.load_state_dict(full)
+        final.save_pretrained(out)
+        print(f"saved {out / 'model.safetensors'}, config.json, palette.npy in {time.time() - t0:.0f}s", flush=True)
     return model
 
 
