@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -86,10 +87,33 @@ def _git(*args) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def env_info() -> dict:
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi, or None where there is none."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def gpu_info() -> dict | None:
+    """Name, compute capability, SM count, memory, driver and CUDA version of the current GPU (None without one)."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"name": props.name, "capability": f"sm_{props.major}{props.minor}",
+            "sm_count": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
+            "driver": nvidia_driver(), "cuda": torch.version.cuda}
+
+
+def env_info(device: torch.device | str | None = None) -> dict:
+    """Where and with what a benchmark ran. `device` is the device benchmarked (default: the GPU when there is one)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "gpu": gpu_info(),
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -144,11 +168,29 @@ def resolve_precisions(choice: str) -> list[str]:
     return [choice]
 
 
-def autocast(precision: str):
-    """fp32: plain; bf16: torch.autocast on the model's device (weights stay fp32, matmuls run in bf16)."""
+def autocast(precision: str, device: torch.device | str | None = None):
+    """fp32: plain; bf16: torch.autocast on the model's device (weights stay fp32, matmuls run in bf16). The device
+    defaults to the GPU when there is one."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    device_type = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def train_step_fn(model, loss_fn, ids, precision: str, *loss_args):
+    """One training step on the fixed batch: zero_grad, forward + loss (autocast in bf16), backward, AdamW step."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = ids.device
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = loss_fn(model, ids, *loss_args)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def matmul_peak(precision: str, n: int = 4096, warmup: int = 1, repeat: int = 3) -> float:
@@ -280,12 +322,14 @@ def parse_args(parser: argparse.ArgumentParser, argv, full: dict, quick: dict) -
 
 
 def _flags(values: dict) -> str:
-    return ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+    return ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in values.items())
 
 
 def settings(args, **extra) -> dict:
     """The command line's values for the JSON (the hidden test flag left out), plus `extra`."""
-    values = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "corrupt_for_test"}
+    values = {k: (str(v) if isinstance(v, (Path, torch.device, torch.dtype)) else v) for k, v in vars(args).items()
+              if k != "corrupt_for_test"}
     return {**values, **extra}
 
 
@@ -332,3 +376,311 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel benchmarks (attention.py, norm.py, embedding.py, train.py): device, timing, memory, correctness, command line
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The accuracy rule of the kernel tests (FlashAttention's): against a float64 reference on the same rounded inputs, an
+# output's max error may be at most twice that of plain torch computing the same thing in the same dtype, plus atol.
+KERNEL_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched in order against the
+# device name. A GPU not listed gets no MFU ("unknown"), never a guess.
+GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                        ("A100", 312.0))
+CPU_BANNER = ("*** CPU run: the Triton GPU kernels are NOT timed here. On CPU tensors 'ours' runs igpt_kernels' "
+              "plain-torch reference path (or, under TRITON_INTERPRET=1, the Triton interpreter: checked for "
+              "correctness, never timed). These numbers describe PyTorch on this CPU, not the kernels; GPU numbers "
+              "come only from a CUDA machine (bench/results/<device>/). ***")
+
+
+def gpu_bf16_peak(name: str) -> float | None:
+    """Data-sheet dense bf16 peak of a known GPU in FLOP/s, or None."""
+    for key, tflops in GPU_BF16_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+def ours_path(op: str, device: torch.device) -> tuple[str, bool]:
+    """(label, timed) of igpt_kernels' `op` ("attention", "norm", "embedding") on `device`: what really runs there
+    (igpt_kernels' own dispatch decides), and whether timing it means anything (the interpreter's speed does not)."""
+    module = importlib.import_module(f"igpt_kernels.{op}")  # the module (the package attribute is the function)
+    if module._use_triton(device):
+        return ("ours (Triton)", True) if device.type == "cuda" else ("ours (Triton interpreter)", False)
+    if device.type == "cuda":
+        return "ours (torch reference: triton missing)", True
+    return "ours (CPU reference path)", True
+
+
+def launch_count(op: str) -> int:
+    """Triton launches of igpt_kernels' `op` so far (all its kernels): a check that the kernel really ran."""
+    return sum(importlib.import_module(f"igpt_kernels.{op}").launch_counts.values())
+
+
+def time_fns(fns: dict, device: torch.device, args) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """(seconds of every timed call per name, {name: reason} for those that could not run, e.g. out of memory).
+
+    CUDA: `triton.testing.do_bench` per function - warm-up for args.warmup_ms, then timed calls for args.rep_ms, each
+    timed with CUDA events after the L2 cache is flushed (a 256 MB buffer is zeroed between calls). CPU: `warmup`
+    untimed calls, then `repeat` calls timed with time.perf_counter, contenders interleaved (no cache flush)."""
+    if device.type != "cuda":
+        return time_interleaved(fns, args.warmup, args.repeat), {}
+    from triton.testing import do_bench
+
+    times, failed = {}, {}
+    for name, fn in fns.items():
+        try:
+            times[name] = [ms / 1e3 for ms in do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="all")]
+        except torch.cuda.OutOfMemoryError:
+            failed[name] = "out of memory"
+        torch.cuda.empty_cache()
+    return times, failed
+
+
+def timing_method(device: torch.device, args) -> str:
+    if device.type == "cuda":
+        return (f"triton.testing.do_bench: {args.warmup_ms} ms of warm-up, then calls for {args.rep_ms} ms, each timed "
+                "with CUDA events after an L2 flush; the median is reported")
+    return (f"time.perf_counter: {args.warmup} warm-up call(s), then the median of {args.repeat} timed calls, "
+            "contenders interleaved; no cache flush")
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak bytes allocated during one call of fn above what was allocated before it (outputs and workspace included;
+    the inputs are not): torch.cuda.max_memory_allocated. None on CPU, where it is not measured."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, args) -> float:
+    """Measured device copy bandwidth in bytes/s: x.clone() of an nbytes fp32 tensor reads and writes nbytes each."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    times, _ = time_fns({"copy": x.clone}, device, args)
+    return 2 * x.numel() * 4 / statistics.median(times["copy"])
+
+
+def check_close(what: str, got: torch.Tensor, exact: torch.Tensor, plain: torch.Tensor) -> float:
+    """Max |got - exact|, where exact is the float64 reference and plain the same reference in got's dtype; raises
+    CorrectnessError when got is not finite or its error exceeds 2 x plain's + KERNEL_ATOL[dtype] x max(1, max
+    |exact|) (the atol scales with large values, such as a weight gradient summed over many rows, as in the norm
+    tests: a different summation order is not an error)."""
+    if got.shape != exact.shape:
+        raise CorrectnessError(f"{what}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}")
+    if not torch.isfinite(got).all():
+        raise CorrectnessError(f"{what}: non-finite values (NaN or inf)")
+    err = (got.double() - exact).abs().max().item()
+    base = (plain.double() - exact).abs().max().item()
+    atol = (KERNEL_ATOL[plain.dtype] if plain.dtype in KERNEL_ATOL else 0.0) * max(1.0, exact.abs().max().item())
+    if not err <= 2 * base + atol:
+        raise CorrectnessError(f"{what}: max error {err:.3g} against the float64 reference > 2 x plain torch's "
+                               f"{base:.3g} + atol {atol:g}")
+    return err
+
+
+def make_kernel_parser(doc: str, profiles: dict[str, dict]) -> argparse.ArgumentParser:
+    """Flags every kernel benchmark shares; a script adds its own with default None, and `parse_kernel_args` fills
+    them from `profiles["gpu"]`, `["cpu"]` (by device) or `["quick"]` (--quick)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(f"{name} defaults: {_flags(v)}" for name, v in profiles.items()))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    g = p.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, help="CPU: untimed calls before timing")
+    g.add_argument("--repeat", type=int, help="CPU: timed calls (the median is reported)")
+    g.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warm-up time")
+    g.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench timing time (the median is reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 timed call (a smoke test); explicit flags win")
+    p.add_argument("--json", type=Path, help="write every setting and number, with the environment, to this JSON file")
+    p.add_argument("--corrupt-for-test", action="store_true", help=argparse.SUPPRESS)  # proves the checks fail loudly
+    return p
+
+
+def parse_kernel_args(parser: argparse.ArgumentParser, argv, profiles: dict[str, dict]) -> argparse.Namespace:
+    """Parse; resolve --device to a torch.device; fill unset flags from the profile (quick, gpu or cpu)."""
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                               "cpu" if args.device == "auto" else args.device)
+    args.profile = "quick" if args.quick else "gpu" if args.device.type == "cuda" else "cpu"
+    for key, value in profiles[args.profile].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("warmup", "repeat", "warmup_ms", "rep_ms"):
+        if getattr(args, key) is not None and getattr(args, key) < (0 if "warmup" in key else 1):
+            parser.error(f"--{key.replace('_', '-')} must be >= {0 if 'warmup' in key else 1}")
+    return args
+
+
+def device_line(env: dict) -> str:
+    """One line: the device benchmarked and the software versions."""
+    gpu = env.get("gpu")
+    if env["device"] != "cpu" and gpu:
+        where = (f"{gpu['name']} ({gpu['capability']}, {gpu['sm_count']} SMs, {gpu['memory_gib']} GiB), "
+                 f"driver {gpu['driver']}, CUDA {gpu['cuda']}")
+    else:
+        where = f"CPU: {env['cpu_model']}, {env['torch_threads']} torch threads"
+    return f"{where}; torch {env['torch']}, triton {env['triton']}; git {str(env['git_sha'])[:12]}"
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def run_outputs(fn, inputs: list, wrt: tuple[int, ...], grad_outs: list | None) -> list[torch.Tensor]:
+    """fn(*inputs)'s outputs (a tensor or a tuple of them), then, when grad_outs is given, the gradients of the inputs
+    at positions `wrt` (torch.autograd.grad on fresh leaves)."""
+    leaves = [t.detach().requires_grad_(grad_outs is not None and i in wrt) if t is not None else None
+              for i, t in enumerate(inputs)]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    if grad_outs is None:
+        return [o.detach() for o in outs]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, [leaves[i] for i in wrt], grad_outs))
+
+
+def timed_call(fn, inputs: list, wrt: tuple[int, ...], grad_outs: list | None):
+    """A no-argument callable for timing: fn's forward, or forward + backward (autograd.grad with grad_outs, so no
+    .grad accumulates) when grad_outs is given. Inputs at `wrt` must already require grad for the backward."""
+    if grad_outs is None:
+        return lambda: fn(*inputs)
+
+    def forward_backward():
+        outs = fn(*inputs)
+        return torch.autograd.grad(list(outs) if isinstance(outs, (tuple, list)) else [outs],
+                                   [inputs[i] for i in wrt], grad_outs)
+    return forward_backward
+
+
+def check_contenders(case: str, fns: dict, inputs: list, wrt: tuple[int, ...], grad_outs: list | None,
+                     exact: list, plain: list, names: list[str], op: str, device: torch.device,
+                     skip_reason=lambda name, error: None) -> dict:
+    """Every contender's outputs (and gradients) against the float64 reference `exact`, with `plain` (the reference
+    in the contenders' dtype) setting the error budget (see check_close). Returns {name: {what: max error}}, or
+    {name: "skipped: reason"} where skip_reason(name, error) accepts the RuntimeError a contender raised. Raises
+    CorrectnessError on any disagreement, and when 'ours (Triton)' did not launch igpt_kernels' `op` kernels."""
+    report = {}
+    for name, fn in fns.items():
+        launches = launch_count(op)
+        try:
+            got = run_outputs(fn, inputs, wrt, grad_outs)
+        except RuntimeError as e:
+            reason = skip_reason(name, e)
+            if reason is None:
+                raise
+            report[name] = f"skipped: {reason}"
+            continue
+        if name.startswith("ours (Triton") and launch_count(op) == launches:
+            raise CorrectnessError(f"{case}, {name}: the Triton kernel did not run")
+        if len(got) != len(names):
+            raise CorrectnessError(f"{case}, {name}: {len(got)} outputs and gradients, expected {len(names)}")
+        report[name] = {what: check_close(f"{case}, {name}: {what}", g, e, p)
+                        for what, g, e, p in zip(names, got, exact, plain)}
+    return report
+
+
+def measure(fns: dict, device: torch.device, args) -> dict[str, dict]:
+    """{name: {"s_median", "s_all", "peak_memory_bytes"}} of each no-argument callable, or {name: {"note": reason}}
+    when it could not run (out of GPU memory). One untimed call first, so that autotuning and allocator caches do
+    not count as peak memory; then peak memory (CUDA), then the timing (time_fns)."""
+    memory, failed = {}, {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            memory[name] = peak_memory(fn, device)
+        except torch.cuda.OutOfMemoryError:
+            failed[name] = "out of memory"
+            torch.cuda.empty_cache()
+    times, oom = time_fns({name: fn for name, fn in fns.items() if name not in failed}, device, args)
+    failed.update(oom)
+    return {name: ({"s_median": statistics.median(times[name]), "s_all": times[name],
+                    "peak_memory_bytes": memory.get(name)} if name in times else {"note": failed[name]})
+            for name in fns}
+
+
+def timing_fields(measured: dict) -> dict:
+    """A row's timing fields (milliseconds) from one entry of `measure`, or its note when it could not run."""
+    if "s_median" not in measured:
+        return {"note": measured["note"]}
+    return {"ms_median": measured["s_median"] * 1e3, "ms_all": [t * 1e3 for t in measured["s_all"]],
+            "peak_memory_bytes": measured["peak_memory_bytes"]}
+
+
+def speedups(rows: list[dict], baselines: dict[str, str]) -> None:
+    """Add `speedup_vs_<key>` (baseline time / row time; > 1 = faster) to every timed row, for each baseline
+    contender name in `baselines` {key: name} that was timed among these rows."""
+    ms = {r["contender"]: r["ms_median"] for r in rows if "ms_median" in r}
+    for r in rows:
+        if "ms_median" in r:
+            for key, name in baselines.items():
+                r[f"speedup_vs_{key}"] = ms[name] / r["ms_median"] if name in ms else None
+
+
+def ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+COMPILED_PREFIX = "torch.compile"
+
+
+def compile_skip_reason(name: str, error: RuntimeError) -> str | None:
+    """A torch.compile contender that fails to compile here (no C++ compiler, an unsupported op) is skipped, with the
+    first line of the reason; everything else is a real failure."""
+    if name.startswith(COMPILED_PREFIX):
+        return f"torch.compile failed: {str(error).strip().splitlines()[0][:160] if str(error).strip() else error!r}"
+    return None
+
+
+def print_header(title: str, env: dict, device: torch.device, args, *lines: str) -> None:
+    """The banner on CPU, the title, where it ran, `lines`, and how it was timed."""
+    if device.type == "cpu":
+        print(CPU_BANNER + "\n")
+    print(title)
+    print(device_line(env))
+    for line in lines:
+        print(line)
+    print(f"timing: {timing_method(device, args)}; peak memory: " +
+          ("torch.cuda.max_memory_allocated during one call, above the inputs" if device.type == "cuda" else
+           "not measured on CPU (n/a)"))
+
+
+def run_kernel_benchmark(script: str, args, op: str, cases: list, check, time_case, label) -> tuple[dict, dict, list,
+                                                                                                      list[str]]:
+    """The flow every kernel benchmark shares: the environment; the correctness check of every case before anything
+    is timed (a failure exits non-zero with the reason); then each case and pass (args.passes) timed.
+
+    check(case) -> {contender: {output: max error} or "skipped: reason"}; time_case(case, pass_, names) -> rows;
+    label(case) -> a short name for logs and notes. Returns (env, {label: check report}, rows, not-run notes)."""
+    env = env_info(args.device)  # before timing: its load average and date describe the start of the run
+    if args.device.type == "cpu":
+        warn_if_busy()
+    _, ours_timed = ours_path(op, args.device)
+    log(f"correctness: {len(cases)} cases, every contender vs the float64 reference")
+    try:
+        checks = {case: check(case) for case in cases}
+    except CorrectnessError as e:
+        sys.exit(f"{script}: correctness check FAILED, nothing timed: {e}")
+    rows = []
+    for case in cases:
+        ran = [name for name, r in checks[case].items() if isinstance(r, dict)]
+        runnable = [name for name in ran if ours_timed or not name.startswith("ours")]
+        for pass_ in args.passes:
+            log(f"timing {label(case)} {pass_}: {len(runnable)} contenders")
+            rows += time_case(case, pass_, runnable)
+    where: dict = {}
+    for case, report in checks.items():
+        for name, r in report.items():
+            untimed = isinstance(r, dict) and name.startswith("ours") and not ours_timed
+            if untimed or not isinstance(r, dict):
+                where.setdefault((name, "checked, not timed (interpreter)" if untimed else r), []).append(label(case))
+    notes = [f"{name}: {reason} ({'every case' if len(found) == len(cases) else ', '.join(found)})"
+             for (name, reason), found in where.items()]
+    return env, {label(case): report for case, report in checks.items()}, rows, notes

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import (FLOP_MODEL, LOSS_RTOL, CorrectnessError, autocast, build_pair, check_logits, config_from_args,
                     describe, env_info, format_table, hf_generate, hf_logits, log, make_parser, matmul_params,
                     matmul_peak, medians, parse_args, random_ids, resolve_precisions, save_results,
-                    time_interleaved, train_flops, warn_if_busy)
+                    time_interleaved, train_flops, train_step_fn, warn_if_busy)
 from igpt.convert import to_hf
 
 FULL = dict(layers=8, width=256, heads=8, batch=4, resolution=32, steps=3, warmup=1, sample_tokens=256,
@@ -65,21 +65,6 @@ def check_losses(ours, hf, ids, precision: str) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Measurements
-
-
-def train_step_fn(model, loss_fn, ids, precision: str):
-    """One training step on the fixed batch: zero_grad, forward + loss (autocast in bf16), backward, AdamW step."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(precision):
-            loss = loss_fn(model, ids)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def sample_fns(ours, hf, prompt: torch.Tensor, new_tokens: int, seed: int):

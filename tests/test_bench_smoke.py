@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end (--quick), print their table, write their JSON, and refuse to time models
 that disagree."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,139 @@ def test_check_samplers_rejects_disagreeing_samplers(bench_modules):
     fns["hf"] = lambda p: p  # no new tokens at all
     with pytest.raises(common.CorrectnessError, match="hf sampler returned shape"):
         sample.check_samplers(fns, prompt, cfg.n_ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernel and training-step benchmarks (attention.py, norm.py, embedding.py, train.py) and the pytest-benchmark cases.
+# Tiny sizes and one torch thread: on a busy 2-core machine, multi-threaded tiny ops wait for cores (10x slower).
+
+KERNEL_ENV_KEYS = ENV_KEYS | {"gpu", "load_average_1m", "git_dirty"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "IGPT_BENCH_SIZE": "tiny"}
+
+
+def _load_bench(name):
+    """bench/<name>.py as module bench_<name> (it imports `common` from its own folder)."""
+    import importlib.util
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.fixture(scope="module")
+def kernel_benches():
+    return {name: _load_bench(name) for name in ("attention", "norm", "embedding", "train")}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_attention_script_on_cpu(tmp_path):
+    """The acceptance run: `python bench/attention.py` on CPU prints the banner and the table and exits 0."""
+    out, png = tmp_path / "attention.json", tmp_path / "attention.png"
+    proc = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--quick", "--device", "cpu", "--json",
+                           str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Triton GPU kernels are NOT timed" in proc.stdout
+    for text in ("ours (CPU reference path)", "eager (materialised softmax)", "SDPA math", "TFLOP/s", "vs best SDPA",
+                 "FLOP model: forward = 4*B*H*N^2*D", "time.perf_counter"):
+        assert text in proc.stdout, text
+    data = json.loads(out.read_text())
+    assert KERNEL_ENV_KEYS <= data["env"].keys() and data["env"]["device"] == "cpu"
+    assert data["settings"]["banner"] and data["settings"]["ours"] == "ours (CPU reference path)"
+    timed = [r for r in data["results"] if "ms_median" in r]
+    assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"} and {r["causal"] for r in timed} == {True, False}
+    assert all(r["tflops"] > 0 and r["peak_memory_bytes"] is None for r in timed)
+    assert all(set(c["ours (CPU reference path)"]) == {"out", "dq", "dk", "dv"} for c in data["correctness"].values())
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("script, extra, expect", [
+    ("norm", ["--no-compile"], ("GB/s", "% copy BW", "byte model", "F.rms_norm", "eager (igpt.model.rms_norm)")),
+    ("embedding", ["--no-compile", "--objective", "ar", "bert"],
+     ("GB/s", "% copy BW", "byte model", "eager (Decoder path)", "pixels")),
+    ("train", ["--ac", "none", "full"],
+     ("tokens/s", "MFU", "FLOP model", "activation-checkpoint recompute is not counted", "AC full")),
+])
+def test_kernel_script_main(kernel_benches, one_thread, tmp_path, capsys, script, extra, expect):
+    out = tmp_path / f"{script}.json"
+    assert kernel_benches[script].main(["--quick", "--device", "cpu", "--json", str(out), *extra]) == 0
+    stdout = capsys.readouterr().out
+    assert "Triton GPU kernels are NOT timed" in stdout
+    for text in expect:
+        assert text.lower() in stdout.lower(), text
+    data = json.loads(out.read_text())
+    assert KERNEL_ENV_KEYS <= data["env"].keys() and data["benchmark"] == script
+    timed = [r for r in data["results"] if "ms_median" in r]
+    assert timed and all(r["ms_median"] > 0 for r in timed)
+    rate = "tokens_per_s" if script == "train" else "gb_per_s"
+    assert all(r[rate] > 0 for r in timed)
+    if script == "train":
+        assert data["useful_flops_per_step"] > 0 and all(0 < r["mfu"] for r in timed)
+        assert len(timed) == 4 and all(abs(c["grad_max_rel_diff"]) <= 1e-4 for c in data["correctness"].values())
+
+
+def test_attention_check_fails_loudly(kernel_benches, one_thread, monkeypatch, tmp_path):
+    """An attention that disagrees with the reference stops the script (non-zero exit, the reason) before timing."""
+    bench = kernel_benches["attention"]
+    real = bench.attention
+    monkeypatch.setattr(bench, "attention", lambda q, k, v, **kw: real(q, k, v, **kw) * 1.001)
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--device", "cpu", "--json", str(out)])
+    message = str(exit_info.value.code)
+    assert "correctness check FAILED, nothing timed" in message and "ours (CPU reference path): out" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script, extra", [("attention", []), ("norm", ["--no-compile"]),
+                                           ("embedding", ["--no-compile"]), ("train", [])])
+def test_corrupt_flag_fails_loudly(kernel_benches, one_thread, tmp_path, script, extra):
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit) as exit_info:
+        kernel_benches[script].main(["--quick", "--device", "cpu", "--corrupt-for-test", "--json", str(out), *extra])
+    assert f"{script}.py: correctness check FAILED" in str(exit_info.value.code)
+    assert not out.exists()
+
+
+def test_check_close_rule(kernel_benches):
+    common = sys.modules["common"]
+    exact = torch.randn(64, dtype=torch.float64)
+    plain = exact.to(torch.float16)
+    assert common.check_close("ok", exact.to(torch.float16), exact, plain) <= 1e-2
+    with pytest.raises(common.CorrectnessError, match="max error"):
+        common.check_close("off", (exact + 0.01).to(torch.float16), exact, plain)
+    with pytest.raises(common.CorrectnessError, match="non-finite"):
+        common.check_close("nan", torch.full_like(plain, float("nan")), exact, plain)
+
+
+def test_pytest_benchmark_cases_run_once():
+    """`pytest bench/ --benchmark-only` finds the cases; with --benchmark-disable each runs once at tiny sizes."""
+    pytest.importorskip("pytest_benchmark")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(BENCH / "test_bench.py"),
+                           "--benchmark-disable"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.gpu
+def test_attention_script_on_gpu(tmp_path):
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "attention.py"), "--quick", "--device", "cuda", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours (Triton)" in proc.stdout and "NOT timed" not in proc.stdout and "do_bench" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["env"]["gpu"]["name"] and all(r["peak_memory_bytes"] > 0 for r in data["results"] if "ms_median" in r)
