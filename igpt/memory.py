@@ -412,6 +412,23 @@ def _saved(cfg: IGPTConfig, su: Setup) -> dict:
     return {"blocks": sum(blocks), "head": head, "per_block": per_block, "saved": blocks, "checkpointed": ckpt}
 
 
+def measure_saved_bytes(fn, exclude=()) -> tuple[int, object]:
+    """(bytes autograd saves for backward while fn() runs, fn's result): unique storages, leaving out those of
+    `exclude` (parameters, inputs). The measurement the estimator's activation terms are tested against."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
 def max_micro_batch(cfg: IGPTConfig, budget_bytes: int, *, limit: int = 1 << 16, **kwargs) -> int:
     """Largest micro-batch whose estimated peak fits in `budget_bytes` (0 if not even one sequence fits).
     kwargs go to `estimate` (world_size, policy, ac, dtypes, workspace_bytes, ...)."""

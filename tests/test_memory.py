@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.profiler import ProfilerActivity, profile
 
 from igpt import Decoder, FusedDecoder, IGPTConfig
-from igpt.memory import GiB, estimate, main, max_micro_batch, saved_activation_bytes
+from igpt.memory import GiB, estimate, main, max_micro_batch, measure_saved_bytes, saved_activation_bytes
 
 MiB = 1 << 20
 TINY = IGPTConfig.preset("tiny", resolution=16)  # 4 layers, width 128, 256 tokens
@@ -37,22 +37,6 @@ def _model(cls=Decoder, cfg=TINY, ac="none"):
 
 def _ids(cfg, batch):
     return torch.randint(0, cfg.vocab_size, (batch, cfg.n_ctx), generator=torch.Generator().manual_seed(1))
-
-
-def _saved_bytes(fn, exclude=()):
-    """Bytes autograd saves while fn runs: unique storages, leaving out those of `exclude` (params, inputs)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(storages.values()), out
 
 
 def _profile_memory(fn):
@@ -87,7 +71,7 @@ def test_block_saved_bytes_match_autograd(cls, policy, overrides):
     h = torch.randn(B, TINY.n_ctx, TINY.n_embd, requires_grad=True)
     amp = policy == "autocast-bf16"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        measured, _ = _saved_bytes(lambda: block(h), exclude=list(model.parameters()))
+        measured, _ = measure_saved_bytes(lambda: block(h), exclude=list(model.parameters()))
     est = saved_activation_bytes(TINY, B, policy=policy, **overrides)
     predicted = sum(est["per_block"].values())
     if amp:  # autocast saves a bf16 copy of each Linear weight: counted under gathered_params, not activations
@@ -102,7 +86,7 @@ def test_forward_saved_bytes_match_autograd(objective):
     model, B = _model(cfg=cfg), 2
     ids = _ids(cfg, B)
     mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.15 if objective == "bert" else None
-    measured, _ = _saved_bytes(lambda: model.loss(ids, mask), exclude=[*model.parameters(), ids])
+    measured, _ = measure_saved_bytes(lambda: model.loss(ids, mask), exclude=[*model.parameters(), ids])
     extra = {} if mask is None else dict(bert_mask_prob=mask.float().mean().item())
     est = saved_activation_bytes(cfg, B, policy="fp32", **extra)
     predicted = est["blocks"] + est["head"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from igpt import Decoder, IGPTConfig, checkpoint
+from igpt.memory import measure_saved_bytes
 from igpt.model import Block
 from igpt.train import apply_activation_checkpointing, main as train_main
 
@@ -212,15 +213,7 @@ def _grads_and_stats(ac: str, monkeypatch):
 
     monkeypatch.setattr(Block, "forward", counted_forward)
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(1))
-    saved = []
-
-    def pack(t):
-        saved.append(t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(ids)
-    saved_bytes = sum(saved)
+    saved_bytes, loss = measure_saved_bytes(lambda: model.loss(ids), exclude=[*model.parameters(), ids])
     loss.backward()
     grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()}
     return grads, calls, saved_bytes, model

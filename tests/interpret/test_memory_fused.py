@@ -5,24 +5,9 @@ import pytest
 import torch
 
 from igpt import FusedDecoder, IGPTConfig
-from igpt.memory import saved_activation_bytes
+from igpt.memory import measure_saved_bytes, saved_activation_bytes
 from igpt_kernels.attention import launch_counts as attention_launches
 from igpt_kernels.norm import launch_counts as norm_launches
-
-
-def _saved_bytes(fn, exclude):
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -32,7 +17,7 @@ def test_fused_block_saves_what_the_estimate_says(dtype):
     model = FusedDecoder(cfg).to(dtype)
     h = torch.randn(2, cfg.n_ctx, cfg.n_embd, dtype=dtype, requires_grad=True)
     before = (attention_launches["attn_fwd"], norm_launches["norm_fwd"])
-    measured = _saved_bytes(lambda: model.blocks[0](h), exclude=list(model.parameters()))
+    measured, _ = measure_saved_bytes(lambda: model.blocks[0](h), exclude=list(model.parameters()))
     assert attention_launches["attn_fwd"] > before[0] and norm_launches["norm_fwd"] > before[1]
     per_block = saved_activation_bytes(cfg, 2, param_dtype=dtype, norm="fused", attention="flash")["per_block"]
     assert sum(per_block.values()) == measured, per_block
