@@ -52,7 +52,7 @@ def cached_features(model: Decoder, images: torch.Tensor, cache_dir: Path | None
         return extract_features(model, images, **kw)
     from safetensors.torch import load_file, save_file
 
-    h = hashlib.sha256(key.encode())
+    h = hashlib.sha256((key + repr(sorted(kw.items()))).encode())  # layers and precision change the features
     for t in (*model.state_dict().values(), model.palette.centres, images):
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     path = cache_dir / f"features-{h.hexdigest()[:16]}.safetensors"
@@ -193,16 +193,29 @@ def finetune(model: Decoder, x_train, y_train, x_test, y_test, n_classes: int, s
 # Data and CLI
 
 
-def probe_dataset(name: str, resolution: int, n_train: int, n_test: int, seed: int):
-    """(train images, train labels, test images, test labels, n_classes)."""
-    if name != "shapes":
-        raise ValueError(f"--dataset {name!r}: the probe reads the embedded 'shapes' dataset only so far; "
-                         "Hugging Face datasets arrive with the data loaders of the training work")
-    from igpt.data import N_CLASSES, TEST_START, make_shapes
+def probe_dataset(name: str, resolution: int, n_train: int, n_test: int, seed: int, image_column=None,
+                  label_column=None):
+    """(train images, train labels, test images, test labels, n_classes): up to n_train / n_test labelled images
+    (a seeded subset when the split is larger), centre-cropped at the model's resolution. Any `--dataset` the
+    trainer reads: shapes, a hub id, imagefolder:DIR, a save_to_disk DIR (without a test split: a held-out part of
+    train)."""
+    from igpt.data import open_source
 
-    x_tr, y_tr = make_shapes(n_train, resolution=resolution, seed=seed)
-    x_te, y_te = make_shapes(n_test, resolution=resolution, seed=seed, start=TEST_START)
-    return x_tr, y_tr, x_te, y_te, N_CLASSES
+    kw = dict(seed=seed, image_column=image_column, label_column=label_column)
+    splits = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        source = open_source(name, split, resolution, **kw)
+        if source.n_classes is None:
+            raise ValueError(f"--dataset {name!r} has no label column, so a probe has nothing to predict; "
+                             "name it with --label-column COLUMN, or probe a labelled dataset")
+        if len(source) <= n:
+            idx = list(range(len(source)))
+        else:  # shapes indices are already a random draw; keep them in order so features cache across runs
+            g = torch.Generator().manual_seed(seed)
+            idx = list(range(n)) if name == "shapes" else torch.randperm(len(source), generator=g)[:n].sort().values.tolist()
+        images, labels = source.get(idx, train=False)
+        splits += [images, labels]
+    return (*splits, source.n_classes)
 
 
 def format_table(result: dict, baseline: dict | None = None) -> str:
@@ -249,7 +262,10 @@ def plot(result: dict, path: Path, baseline: dict | None = None) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir or .safetensors file (with config.json, palette.npy)")
-    p.add_argument("--dataset", default="shapes")
+    p.add_argument("--dataset", default="shapes",
+                   help="shapes (embedded) | hub id | imagefolder:DIR | DIR (save_to_disk), as for training")
+    p.add_argument("--image-column", default=None, help="image column of a Hugging Face dataset (default: detected)")
+    p.add_argument("--label-column", default=None, help="label column (default: detected)")
     p.add_argument("--out", default=None, help="output dir (default: CHECKPOINT_DIR/probe)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to probe (default: all)")
     p.add_argument("--n-train", type=int, default=3000)
@@ -280,7 +296,7 @@ def main(argv=None):
     layers = args.layers if args.layers else list(range(model.cfg.n_layer + 1))
 
     x_tr, y_tr, x_te, y_te, n_classes = probe_dataset(args.dataset, model.cfg.resolution, args.n_train,
-                                                      args.n_test, args.seed)
+                                                      args.n_test, args.seed, args.image_column, args.label_column)
 
     if args.finetune:
         result = finetune(model, x_tr, y_tr, x_te, y_te, n_classes, args.ft_steps, args.ft_batch_size, args.ft_lr,

@@ -55,8 +55,26 @@ def test_probe_cli(tmp_path):
     assert len(cached) == 4  # train/test x pretrained/random
     again = probe_main(["--checkpoint", str(run), "--n-train", "60", "--n-test", "30", "--precision", "fp32"])
     assert again["layers"] == result["layers"]  # the cached features give the same probes
-    with pytest.raises(ValueError, match="shapes"):
-        probe_main(["--checkpoint", str(run), "--dataset", "cifar10"])
+    # any dataset the trainer reads: an imagefolder (labels from the folder names; no test split -> held out)
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    for label, colour in (("cats", (200, 30, 30)), ("dogs", (30, 30, 200))):
+        (folder / label).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (12, 10), (colour[0], colour[1] + 10 * i, colour[2])).save(folder / label / f"{i}.png")
+    result = probe_main(["--checkpoint", str(run), "--dataset", f"imagefolder:{folder}", "--n-train", "40",
+                         "--n-test", "10", "--precision", "fp32", "--no-cache", "--out", str(tmp_path / "p")])
+    assert result["best_test_acc"] >= 0.5  # the two classes differ in colour: trivially separable
+
+    # a dataset without labels: nothing to probe
+    import datasets
+
+    unlabelled = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 4},
+                                            features=datasets.Features({"image": datasets.Image()}))
+    unlabelled.save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(ValueError, match="no label column"):
+        probe_main(["--checkpoint", str(run), "--dataset", str(tmp_path / "unlabelled"), "--no-cache"])
 
 
 def test_augment_pads_crops_and_flips():
