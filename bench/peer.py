@@ -1,19 +1,26 @@
-"""CPU peer benchmark: our eager `Decoder` vs Hugging Face `ImageGPTForCausalImageModeling` holding the same weights.
+"""CPU peer benchmark: our `Decoder` vs Hugging Face `ImageGPTForCausalImageModeling` holding the same weights.
 
 For each precision (fp32, and bf16 autocast where the CPU has native bf16) both models are measured the same way:
   * training step tokens/s: forward + backward + AdamW step on one fixed batch (warm-up steps, then the median step);
   * sampling tokens/s: our `Decoder.generate` (KV cache) vs HF `generate(do_sample=True, top_k=0)` (its cache), both
     completing the last S tokens of a prompt of N - S tokens (S = N samples whole images from SOS);
   * the measured matmul peak in that precision, and each training step's FLOP/s as a fraction of it.
-Correctness first: fp32 logits must agree to 1e-4 and the two losses must agree in every precision, or the script
-exits non-zero before timing anything.
+Ours runs compiled by default (`torch.compile` of `Decoder.loss` for the training step, `Decoder.compile_sampler()`
+for the one-token decode step; `--no-compile` runs it eager); HF runs eager, as shipped. Compiling happens in the first
+calls, which are timed separately and never counted in the timed steps.
+Correctness first: fp32 logits must agree to 1e-4, the two losses must agree in every precision, and a compiled sampler
+must draw the same tokens as the eager one from the same seed (fp32), or the script exits non-zero before timing.
 
-    python bench/peer.py                      # 8 layers x 256 wide, B 4, N 1024
+    python bench/peer.py                      # 8 layers x 256 wide, B 4, N 1024, ours compiled
+    python bench/peer.py --no-compile         # ours eager
     python bench/peer.py --quick --json out.json
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +44,16 @@ def cli(argv=None):
     p.add_argument("--warmup", type=int, help="untimed training steps first")
     p.add_argument("--sample-repeat", type=int, help="timed sampling runs after a short warm-up (median)")
     p.add_argument("--matmul-size", type=int, help="n of the n x n x n matmul that measures the peak")
-    return parse_args(p, argv, FULL, QUICK)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="ours under torch.compile (training loss and decode step); default on, off under --quick")
+    args = parse_args(p, argv, FULL, QUICK)
+    if args.compile is None:
+        args.compile = not args.quick
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The two losses: the same next-token cross-entropy over all N tokens and the 512 palette classes
-
-
-def ours_loss(model, ids):
-    return model.loss(ids)
 
 
 def hf_loss(hf, ids):
@@ -54,13 +62,49 @@ def hf_loss(hf, ids):
     return F.cross_entropy(hf_logits(hf, ids).flatten(0, 1).float(), ids.flatten())
 
 
-def check_losses(ours, hf, ids, precision: str) -> tuple[float, float]:
-    with torch.no_grad(), autocast(precision):
-        a, b = ours_loss(ours, ids).item(), hf_loss(hf, ids).item()
+def check_losses(ours: Ours, hf, ids, precision: str) -> tuple[float, float]:
+    """Our loss (the function the training step times; with grad enabled, so a compiled loss compiles the graph the
+    step runs) against HF's."""
+    with autocast(precision):
+        a = ours.loss(ours.model, ids).item()
+        with torch.no_grad():
+            b = hf_loss(hf, ids).item()
     rtol = LOSS_RTOL[precision]
     if not abs(a - b) <= rtol * abs(b):
         raise CorrectnessError(f"{precision} losses differ: ours {a:.6f} vs HF {b:.6f} (rtol {rtol:.0e})")
     return a, b
+
+
+class Ours:
+    """Our side of the comparison. Eager: `Decoder.loss` and `Decoder.generate` as they are. Compiled:
+    `torch.compile(Decoder.loss)` for the training step, and a copy of the model (same weights) whose one-token decode
+    step is compiled (`Decoder.compile_sampler`); the uncompiled model stays the reference its tokens are checked
+    against."""
+
+    def __init__(self, model, compiled: bool):
+        self.model, self.compiled = model, compiled
+        loss = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
+        self.loss = lambda _, ids: loss(ids)  # train_step_fn's loss_fn(model, ids)
+        self.sampler = copy.deepcopy(model).compile_sampler() if compiled else model
+
+    def describe(self) -> str:
+        if not self.compiled:
+            return "ours: eager Decoder (loss and generate as written; --compile compiles them)"
+        return ("ours: compiled - torch.compile(Decoder.loss, fullgraph=True) in the training step (inductor), "
+                "Decoder.compile_sampler() for the one-token decode step of generate (prompt pass eager); "
+                "HF: eager")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+        if self.sampler is not self.model:
+            self.sampler.load_state_dict(state)
+
+
+def first_call_s(fn) -> float:
+    """Seconds of one call: for a compiled function its first call, which compiles (reported, never timed)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -78,45 +122,63 @@ def sample_fns(ours, hf, prompt: torch.Tensor, new_tokens: int, seed: int):
     return sample_ours, sample_hf
 
 
-def check_samplers(ours, hf, ids, seed: int) -> None:
+def check_samplers(ours: Ours, hf, ids, seed: int, precision: str) -> float:
     """A short completion (the last CHECK_TOKENS tokens) with each sampler: both must return whole images that keep the
-    prompt. It also warms the samplers up."""
-    N = ours.cfg.n_ctx
+    prompt, and in fp32 a compiled sampler must draw the eager sampler's tokens from the same seed. It also warms the
+    samplers up (a compiled decode step compiles here). Returns the seconds of our first call."""
+    N = ours.model.cfg.n_ctx
     prompt = ids[:, :N - min(CHECK_TOKENS, N)]
-    sample_ours, sample_hf = sample_fns(ours, hf, prompt, N - prompt.shape[1], seed)
-    a, b = sample_ours(), sample_hf()
+    sample_ours, sample_hf = sample_fns(ours.sampler, hf, prompt, N - prompt.shape[1], seed)
+    start = time.perf_counter()
+    a = sample_ours()
+    first_s = time.perf_counter() - start
+    b = sample_hf()
     P = prompt.shape[1]
     if a.shape != (ids.shape[0], N) or not torch.equal(a[:, :P], prompt):
         raise CorrectnessError(f"our generate returned {tuple(a.shape)} or lost the prompt")
     if b.shape != (ids.shape[0], N + 1) or not torch.equal(b[:, 1:P + 1], prompt):
         raise CorrectnessError(f"HF generate returned {tuple(b.shape)} (expected SOS + {N} tokens) or lost the prompt")
+    if ours.compiled and precision == "fp32":
+        eager, _ = sample_fns(ours.model, hf, prompt, N - prompt.shape[1], seed)
+        if not torch.equal(a, eager()):
+            raise CorrectnessError("the compiled decode step drew other tokens than eager generate from the same seed")
+    return first_s
 
 
-def bench_precision(args, cfg, ours, hf, ids, initial_state, precision: str) -> dict:
+def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: str) -> dict:
     # Each precision starts from the same weights on both sides (training moved them in the previous precision).
     ours.load_state_dict(initial_state)
-    hf.load_state_dict(to_hf(ours))
+    hf.load_state_dict(to_hf(ours.model))
+    ours.model.train()
+    start = time.perf_counter()
     loss_ours, loss_hf = check_losses(ours, hf, ids, precision)
+    loss_check_s = time.perf_counter() - start
 
     N, S = cfg.n_ctx, args.sample_tokens
-    ours.eval(), hf.eval()
-    sample_ours, sample_hf = sample_fns(ours, hf, ids[:, :N - S], S, args.seed)
+    ours.sampler.eval(), hf.eval()
+    sample_ours, sample_hf = sample_fns(ours.sampler, hf, ids[:, :N - S], S, args.seed)
     log(f"{precision}: losses agree; sampling {S} tokens x {args.batch} images, {args.sample_repeat} runs each")
     with autocast(precision):
-        check_samplers(ours, hf, ids, args.seed)
+        sample_first_s = check_samplers(ours, hf, ids, args.seed, precision)
         sample_all = time_interleaved({"ours": sample_ours, "hf": sample_hf}, 0, args.sample_repeat)
     sample_s = medians(sample_all)
 
+    steps = {"ours": train_step_fn(ours.model, ours.loss, ids, precision),
+             "hf": train_step_fn(hf, hf_loss, ids, precision)}
+    # ours' first step compiles the backward (the loss check compiled the forward); it is not one of the warm-up steps
+    train_first_s = first_call_s(steps["ours"]) if ours.compiled else None
     log(f"{precision}: training steps ({args.warmup} warm-up + {args.steps} timed, each model)")
-    step_s = time_interleaved({"ours": train_step_fn(ours, ours_loss, ids, precision),
-                               "hf": train_step_fn(hf, hf_loss, ids, precision)}, args.warmup, args.steps)
+    step_s = time_interleaved(steps, args.warmup, args.steps)
     step_median = medians(step_s)
     log(f"{precision}: matmul peak ({args.matmul_size}^3)")
     peak = matmul_peak(precision, args.matmul_size)
-    flops = train_flops(ours, args.batch)
+    flops = train_flops(ours.model, args.batch)
     train_tokens = args.batch * N
     return {
         "loss": {"ours": loss_ours, "hf": loss_hf},
+        # wall seconds of ours' first calls, compiling included (compiled runs only); never part of a timed step
+        "first_calls_s": {"loss_check": loss_check_s, "train_step": train_first_s, "sample_check": sample_first_s}
+        if ours.compiled else None,
         "train": {
             "step_s_median": step_median,
             "step_s_all": step_s,
@@ -170,25 +232,31 @@ def main(argv=None) -> int:
     initial_state = {k: v.clone() for k, v in ours.state_dict().items()}
     try:
         logit_diff = check_logits(ours, hf, ids)
-        results = {p: bench_precision(args, cfg, ours, hf, ids, initial_state, p) for p in precisions}
+        side = Ours(ours, args.compile)
+        results = {p: bench_precision(args, cfg, side, hf, ids, initial_state, p) for p in precisions}
     except CorrectnessError as e:
         sys.exit(f"peer.py: correctness check FAILED, nothing timed: {e}")
 
     N, S = cfg.n_ctx, args.sample_tokens
     print(f"iGPT Decoder vs HF ImageGPTForCausalImageModeling, same weights - {describe(cfg, args.batch, env)}; "
           f"fp32 logits agree to {logit_diff:.1e}")
+    print(side.describe())
     print(f"train: median of {args.steps} steps after {args.warmup} warm-up, AdamW(lr 1e-4)")
     print(f"sample: {S} new tokens per image after a {N - S}-token prompt (--sample-tokens; encoding the prompt is "
           f"included), full softmax, T = 1, median of {args.sample_repeat} runs after a short warm-up")
     for p, r in results.items():
         print(f"{p}: losses ours {r['loss']['ours']:.5f} / HF {r['loss']['hf']:.5f}; "
               f"matmul peak {r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s ({args.matmul_size}^3)")
+        if r["first_calls_s"]:
+            first = r["first_calls_s"]
+            print(f"{p}: ours' first calls, compiling included, not timed: loss check {first['loss_check']:.1f} s, "
+                  f"first train step {first['train_step']:.1f} s, first (short) sampling {first['sample_check']:.1f} s")
     print(f"FLOP model: {FLOP_MODEL}")
     print(f"  = {train_flops(ours, args.batch) / 1e9:.1f} GFLOP per step (P = {matmul_params(ours):,})\n")
     print(table(results, S))
 
     save_results(args, "peer", env, dict(n_ctx=N, prompt_tokens=N - S, precisions=precisions,
-                                         optimizer="AdamW(lr=1e-4)"),
+                                         optimizer="AdamW(lr=1e-4)", ours=side.describe()),
                  correctness={"logit_max_abs_diff_fp32": logit_diff}, flop_model=FLOP_MODEL,
                  train_flops_per_step=train_flops(ours, args.batch), matmul_params=matmul_params(ours),
                  results=results)

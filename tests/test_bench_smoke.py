@@ -45,6 +45,22 @@ def test_peer_quick(tmp_path):
             assert 0 < r["train"]["fraction_of_matmul_peak"][side]
         assert r["matmul_peak_flop_per_s"] > 0
         assert r["loss"]["ours"] == pytest.approx(r["loss"]["hf"], rel=2e-2)
+    assert "ours: eager" in proc.stdout and data["settings"]["compile"] is False  # --quick does not compile
+    assert all(r["first_calls_s"] is None for r in data["results"].values())
+
+
+@pytest.mark.slow
+def test_peer_quick_compiled(tmp_path):
+    """--compile: the compiled loss and decode step pass the same checks (a compiled sampler must draw eager's
+    tokens), the output says what ran, and the first calls (compiling) are reported apart from the timed ones."""
+    out = tmp_path / "peer.json"
+    proc = run_script("peer.py", "--compile", "--json", str(out))
+    data = check_run(proc, out)
+    assert "ours: compiled" in proc.stdout and "compiling included, not timed" in proc.stdout
+    assert data["settings"]["compile"] is True and "compile_sampler" in data["settings"]["ours"]
+    for r in data["results"].values():
+        assert all(s > 0 for s in r["first_calls_s"].values())
+        assert r["train"]["tokens_per_s"]["ours"] > 0 and r["sample"]["tokens_per_s"]["ours"] > 0
 
 
 def test_sample_quick(tmp_path):

@@ -221,6 +221,49 @@ def test_generate_top_k_and_errors():
         Decoder(tiny(objective="bert")).generate(1)
 
 
+def test_generate_under_autocast_caches_in_its_dtype_and_casts_weights_once(monkeypatch):
+    """Under bf16 autocast the keys and values come out of their linear layer in bf16 and are cached so (an fp32 cache
+    would be cast back for every step's attention), and the linear weights are cast once per generate call."""
+    import igpt.model
+
+    dtypes = []
+
+    class Spy(igpt.model.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            dtypes.append(self.k[0].dtype)
+
+    monkeypatch.setattr(igpt.model, "KVCache", Spy)
+    cfg = tiny()
+    model = randomized(Decoder(cfg)).eval()
+    params = dict(model.named_parameters())
+    prompt = ids_for(cfg)[:, :5]
+    model.generate(2, prompt=prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.generate(2, prompt=prompt, generator=torch.Generator().manual_seed(0))
+        # generate casts the linear weights once (linear_weights_cast); autocast casting them at every call draws the
+        # same tokens
+        cache = Spy(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.bfloat16)
+        with torch.no_grad():
+            per_call = model._sample(prompt, cache, 1.0, None, torch.Generator().manual_seed(0))
+    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert tokens.shape == (2, cfg.n_ctx) and torch.equal(tokens[:, :5], prompt)
+    assert torch.equal(tokens, per_call)
+    assert list(model.named_parameters()) == list(params.items())  # the same Parameter objects, in the same order
+
+
+@pytest.mark.slow
+def test_compiled_sampler_draws_the_eager_tokens():
+    """compile_sampler: one torch.compile'd decode step for every cache length, the same draws as eager (fp32)."""
+    cfg = tiny()
+    model = randomized(Decoder(cfg)).eval()
+    prompt = ids_for(cfg)[:, :3]
+    eager = [model.generate(2, prompt=prompt[:, :p], generator=torch.Generator().manual_seed(p)) for p in (3, 1)]
+    model.compile_sampler()
+    compiled = [model.generate(2, prompt=prompt[:, :p], generator=torch.Generator().manual_seed(p)) for p in (3, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
 def test_save_and_load_round_trip(tmp_path):
     cfg = tiny(bias=True, n_classes=3)
     model = randomized(Decoder(cfg))
