@@ -4,12 +4,22 @@
 on its features has to beat a randomly initialised model. That comparison only means something if the classes cannot
 be told apart by colour statistics, which a random network's mean-pooled features already expose. So:
 
-  * every image is two flat colours, a foreground shape or texture on a background, with the colours drawn uniformly
-    (and at least a fixed distance apart) independently of the class;
+  * every image is two flat colours, a foreground shape or texture on a background; the (background, foreground)
+    pair is drawn uniformly from the 56 ordered pairs of distinct SHAPES_COLOURS (the 8 corners of the RGB cube),
+    independently of the class;
   * the foreground covers a fraction f ~ U(0.2, 0.42) of the image, drawn independently of the class, and every
     class turns f into its own size parameters (disc radius, ring thickness, stripe duty cycle, ...), so the
     foreground-area distribution - what a colour histogram sees - is the same for all classes;
   * position, size, period and phase vary at random; what is left to tell the classes apart is shape and orientation.
+
+Why only 8 colours: with colours drawn from all of RGB, every image brings two of the 512 palette tokens, and the
+pooled features of a tiny model (width 128) are dominated by *which* two - a per-image random vector that swamps the
+shape signal of every layer, pretrained or not (measured: both probe at chance, ~0.11, while the same models on
+black-and-white renderings of the same images reach 0.85-0.90). With 8 colours the colour part of the features spans
+few directions, which a linear probe can ignore, and the model learns to copy its 8 tokens in a few dozen steps and
+spends the rest of its training on shape - what pretraining adds over a random network is then colour invariance.
+The colours are 8 of the 512 colours of `shapes_palette()` (an 8x8x8 RGB grid), the fixed palette for this dataset:
+k-means cannot fit 512 centres to 8 colours, and with the fixed palette every pixel quantizes exactly.
 
 Image i of `make_shapes(n, resolution, seed, start)` is a pure function of (seed, start + i) - every random number
 comes from a counter-based hash of those integers - so any slice can be generated on its own, e.g. one shard per rank.
@@ -18,8 +28,9 @@ at its centre); the same index gives the same scene at every resolution.
 
 Anti-aliasing (`antialias=k`: k x k supersampling) is available but off by default, because it leaks shape into colour
 statistics: blended edge pixels add colours in proportion to edge length and by a class-typical pattern (a disc gets
-~15 distinct colours at 32x32, a square ~5, stripes ~4.5). A linear classifier on colour-permutation-invariant histogram
-features then reaches ~30% on 10 classes, against ~10% (chance) without anti-aliasing (see tests/test_data.py).
+~16 distinct colours at 32x32 with 4x4 supersampling, a square ~6, stripes ~4.5). With 2x2 supersampling a linear
+classifier on colour-permutation-invariant histogram features reaches ~50% on 10 classes, against ~10% (chance)
+without anti-aliasing (see tests/test_data.py).
 
 Labels are balanced: every aligned block of len(SHAPES_CLASSES) consecutive indices holds each class exactly once, in a
 seeded random order. At 16x16 about 1 stripe image in 20,000 renders blank (stripes thinner than a pixel that miss
@@ -55,13 +66,14 @@ MARGIN = 0.03                # closed shapes keep this far from the border
 HOLE_RANGE = (0.35, 0.6)     # ring / frame: inner size / outer size
 ARM_RANGE = (0.3, 0.42)      # cross: arm width / arm length
 PERIOD_RANGE = (0.22, 0.36)  # stripes / checkerboard: period (cell size)
-MIN_COLOUR_DIST = 0.4        # fg and bg at least this far apart in RGB / 255 (Euclidean), so the shape is visible
-N_COLOUR_TRIES = 6           # fg candidates tried for that (the farthest one is kept if none qualifies)
+
+PALETTE_LEVELS = np.round(np.arange(8) * 255 / 7)  # shapes_palette(): every (r, g, b) of these levels, 512 colours
+SHAPES_COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], dtype=np.uint8)
+# ^ background and foreground come from these 8 (the corners of the RGB cube, all in the palette), bg != fg
 
 # Slots of the per-image random numbers (uniform in [0, 1)).
-_AREA, _POS_X, _POS_Y, _AUX, _PERIOD, _PHASE_X, _PHASE_Y, _BG = 0, 1, 2, 3, 4, 5, 6, 7  # _BG: 3 slots
-_FG = _BG + 3  # N_COLOUR_TRIES * 3 slots
-_N_SLOTS = _FG + 3 * N_COLOUR_TRIES
+_AREA, _POS_X, _POS_Y, _AUX, _PERIOD, _PHASE_X, _PHASE_Y, _BG, _FG = 0, 1, 2, 3, 4, 5, 6, 7, 8
+_N_SLOTS = 9
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,17 +209,23 @@ def _check_int(name: str, value, low: int) -> int:
 
 
 def _colours(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Background and foreground colours (float64 [n, 3], integer values 0..255) from the per-image numbers.
+    """Background and foreground colours (float64 [n, 3], integer values 0..255) from the per-image numbers:
+    a uniform ordered pair of distinct SHAPES_COLOURS. Neither depends on the class."""
+    k = len(SHAPES_COLOURS)
+    ib = np.minimum(np.floor(u[:, _BG] * k), k - 1).astype(np.int64)
+    jf = (ib + 1 + np.minimum(np.floor(u[:, _FG] * (k - 1)), k - 2).astype(np.int64)) % k
+    colours = SHAPES_COLOURS.astype(np.float64)
+    return colours[ib], colours[jf]
 
-    bg is uniform; fg is the first of N_COLOUR_TRIES uniform candidates at distance >= MIN_COLOUR_DIST from bg
-    (else the farthest). Neither depends on the class.
-    """
-    bg = np.floor(u[:, _BG:_BG + 3] * 256)
-    tries = np.floor(u[:, _FG:].reshape(-1, N_COLOUR_TRIES, 3) * 256)
-    dist = np.linalg.norm(tries - bg[:, None, :], axis=2) / 255
-    ok = dist >= MIN_COLOUR_DIST
-    pick = np.where(ok.any(1), ok.argmax(1), dist.argmax(1))
-    return bg, tries[np.arange(len(u)), pick]
+
+def shapes_palette():
+    """The fixed 512-colour palette of the shapes dataset: the 8x8x8 grid of PALETTE_LEVELS (0, 36, 73, ..., 255)
+    in every channel, so SHAPES_COLOURS quantize exactly. Train on shapes with it: k-means needs >= 512 distinct
+    colours and the dataset has 8."""
+    from igpt.palette import Palette
+
+    grid = np.stack(np.meshgrid(PALETTE_LEVELS, PALETTE_LEVELS, PALETTE_LEVELS, indexing="ij"), -1).reshape(-1, 3)
+    return Palette(torch.from_numpy(grid / 127.5 - 1).float())
 
 
 def make_shapes(n: int, resolution: int = 32, seed: int = 0, start: int = 0,

@@ -62,7 +62,7 @@ def test_probe_cli(tmp_path):
     for label, colour in (("cats", (200, 30, 30)), ("dogs", (30, 30, 200))):
         (folder / label).mkdir(parents=True)
         for i in range(8):
-            Image.new("RGB", (12, 10), (colour[0], colour[1] + 10 * i, colour[2])).save(folder / label / f"{i}.png")
+            Image.new("RGB", (12, 10), (colour[0], colour[1] + 2 * i, colour[2])).save(folder / label / f"{i}.png")
     result = probe_main(["--checkpoint", str(run), "--dataset", f"imagefolder:{folder}", "--n-train", "40",
                          "--n-test", "10", "--precision", "fp32", "--no-cache", "--out", str(tmp_path / "p")])
     assert result["best_test_acc"] >= 0.5  # the two classes differ in colour: trivially separable
