@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--label-column", default=None, help="label column (default: detected)")
     p.add_argument("--palette", default=None, help="palette .npy/.safetensors (default: fit on the training data; "
                    "shapes has its own fixed palette)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=32, help="global batch (images per step, over all ranks)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank")
     p.add_argument("--lr", type=float, default=3e-3)
