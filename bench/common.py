@@ -503,6 +503,15 @@ def make_kernel_parser(doc: str, profiles: dict[str, dict]) -> argparse.Argument
     return p
 
 
+def add_bandwidth_args(parser: argparse.ArgumentParser, cases, compiled: str) -> None:
+    """Flags of the memory-bound kernel benchmarks (norm, embedding): which passes, whether torch.compile of the
+    eager path (`compiled` names it) is a contender, and the size of the copy that measures the device bandwidth."""
+    cases.add_argument("--pass", dest="passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    cases.add_argument("--no-compile", dest="compile", action="store_false",
+                       help=f"leave out torch.compile of {compiled} (compiling takes seconds per size on CPU)")
+    parser.add_argument("--copy-mib", type=int, help="size of the copy that measures the device bandwidth")
+
+
 def parse_kernel_args(parser: argparse.ArgumentParser, argv, profiles: dict[str, dict]) -> argparse.Namespace:
     """Parse; resolve --device to a torch.device; fill unset flags from the profile (quick, gpu or cpu)."""
     args = parser.parse_args(argv)

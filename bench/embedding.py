@@ -20,10 +20,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (COMPILED_PREFIX, DTYPES, CorrectnessError, check_contenders, compile_skip_reason, copy_bandwidth,
-                    fmt_bytes, format_table, log, make_kernel_parser, measure, ours_path, parse_kernel_args,
-                    print_header, ratio, run_kernel_benchmark, run_outputs, save_results, speedups, timed_call,
-                    timing_fields)
+from common import (COMPILED_PREFIX, DTYPES, CorrectnessError, add_bandwidth_args, check_contenders,
+                    compile_skip_reason, copy_bandwidth, fmt_bytes, format_table, log, make_kernel_parser, measure,
+                    ours_path, parse_kernel_args, print_header, ratio, run_kernel_benchmark, run_outputs, save_results,
+                    speedups, timed_call, timing_fields)
 from igpt import Decoder, IGPTConfig, Palette
 from igpt.model import random_bert_mask
 from igpt_kernels import palette_embedding
@@ -53,10 +53,7 @@ def cli(argv=None):
     g.add_argument("--input", dest="inputs", nargs="+", choices=("ids", "pixels"), default=["ids", "pixels"])
     g.add_argument("--objective", dest="objectives", nargs="+", choices=("ar", "bert"), default=["ar"],
                    help="ar: SOS shift; bert: 15%% of the tokens masked")
-    g.add_argument("--pass", dest="passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
-    g.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="leave out torch.compile of the eager path (compiling takes seconds per size on CPU)")
-    p.add_argument("--copy-mib", type=int, help="size of the copy that measures the device bandwidth")
+    add_bandwidth_args(p, g, compiled="the eager path")
     args = parse_kernel_args(p, argv, profiles)
     if min(args.tokens, args.copy_mib, *args.resolution, *args.width) < 1:
         p.error("--tokens, --resolution, --width and --copy-mib must be >= 1")

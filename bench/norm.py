@@ -18,9 +18,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import (COMPILED_PREFIX, DTYPES, check_contenders, compile_skip_reason, copy_bandwidth, fmt_bytes,
-                    format_table, log, make_kernel_parser, measure, ours_path, parse_kernel_args, print_header, ratio,
-                    run_kernel_benchmark, run_outputs, save_results, speedups, timed_call, timing_fields)
+from common import (COMPILED_PREFIX, DTYPES, add_bandwidth_args, check_contenders, compile_skip_reason, copy_bandwidth,
+                    fmt_bytes, format_table, log, make_kernel_parser, measure, ours_path, parse_kernel_args,
+                    print_header, ratio, run_kernel_benchmark, run_outputs, save_results, speedups, timed_call,
+                    timing_fields)
 from igpt.model import rms_norm
 from igpt_kernels import norm
 from igpt_kernels.reference import norm_reference
@@ -49,10 +50,7 @@ def cli(argv=None):
     g.add_argument("--dtype", choices=sorted(DTYPES))
     g.add_argument("--residual", nargs="+", choices=("no", "yes"), default=["no", "yes"],
                    help="without and/or with the fused residual add (y = norm(x + r), h = x + r)")
-    g.add_argument("--pass", dest="passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
-    g.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="leave out torch.compile of the eager norm (compiling takes seconds per size on CPU)")
-    p.add_argument("--copy-mib", type=int, help="size of the copy that measures the device bandwidth")
+    add_bandwidth_args(p, g, compiled="the eager norm")
     args = parse_kernel_args(p, argv, profiles)
     if args.rows < 1 or min(args.width) < 1 or args.copy_mib < 1:
         p.error("--rows, --width and --copy-mib must be >= 1")
