@@ -221,9 +221,9 @@ def test_generate_top_k_and_errors():
         Decoder(tiny(objective="bert")).generate(1)
 
 
-def test_generate_under_autocast_caches_in_its_dtype_and_casts_weights_once(monkeypatch):
-    """Under bf16 autocast the keys and values come out of their linear layer in bf16 and are cached so (an fp32 cache
-    would be cast back for every step's attention), and the linear weights are cast once per generate call."""
+def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(monkeypatch):
+    """Under bf16 autocast on CPU the cache stays fp32 and decoding attends in fp32, outside autocast (CPU attention
+    with one query is ~3x slower in bf16), and the linear weights are cast once per generate call."""
     import igpt.model
 
     dtypes = []
@@ -233,20 +233,31 @@ def test_generate_under_autocast_caches_in_its_dtype_and_casts_weights_once(monk
             super().__init__(*args)
             dtypes.append(self.k[0].dtype)
 
+    seen = set()  # (q dtype, k dtype, autocast on) of every attention call under autocast
+    sdpa = igpt.model.sdpa_attention
+
+    def attention_spy(q, k, v, causal):
+        if dtypes:
+            seen.add((q.dtype, k.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, causal)
+
     monkeypatch.setattr(igpt.model, "KVCache", Spy)
+    monkeypatch.setattr(igpt.model, "sdpa_attention", attention_spy)
     cfg = tiny()
     model = randomized(Decoder(cfg)).eval()
     params = dict(model.named_parameters())
     prompt = ids_for(cfg)[:, :5]
     model.generate(2, prompt=prompt)
+    seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = model.generate(2, prompt=prompt, generator=torch.Generator().manual_seed(0))
         # generate casts the linear weights once (linear_weights_cast); autocast casting them at every call draws the
         # same tokens
-        cache = Spy(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.bfloat16)
+        cache = Spy(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.float32)
         with torch.no_grad():
             per_call = model._sample(prompt, cache, 1.0, None, torch.Generator().manual_seed(0))
-    assert dtypes == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert dtypes == [torch.float32, torch.float32, torch.float32]
+    assert seen == {(torch.float32, torch.float32, False)}
     assert tokens.shape == (2, cfg.n_ctx) and torch.equal(tokens[:, :5], prompt)
     assert torch.equal(tokens, per_call)
     assert list(model.named_parameters()) == list(params.items())  # the same Parameter objects, in the same order
