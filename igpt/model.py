@@ -139,11 +139,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, last_only: bool = False):
+        """last_only: keys and values of every position (into the cache), the output of the last one only."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.append(layer, k, v)
+        if last_only:
+            q, N = q[:, :, -1:], 1
         if q.dtype == k.dtype:
             y = self.ops.attention(q, k, v, self.causal)
         else:  # CPU decoding under autocast attends in the cache's fp32 (see Decoder.generate); autocast itself would
@@ -172,8 +175,9 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg.n_embd, cfg.norm_eps, ops)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cache: KVCache | None = None, layer: int = 0):
-        h = h + self.attn(self.ln_1(h), cache, layer)
+    def forward(self, h, cache: KVCache | None = None, layer: int = 0, last_only: bool = False):
+        a = self.attn(self.ln_1(h), cache, layer, last_only)
+        h = (h[:, -1:] if last_only else h) + a
         return h + self.mlp(self.ln_2(h))
 
 
@@ -424,7 +428,8 @@ class Decoder(nn.Module):
         out[:, :P] = prompt
         # Step 0 feeds SOS and the prompt (the AR shift of prompt + one placeholder), so its last position predicts
         # token P; every later step feeds the token just drawn at its own position.
-        logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1)), cache)
+        logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1)), cache,
+                                   last_only=True)
         for t in range(P, N):
             logits = logits[:, -1].float() / temperature
             if top_k is not None:
@@ -437,10 +442,14 @@ class Decoder(nn.Module):
                 logits = self._decode_token(token, cache)
         return out
 
-    def _decode_step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _decode_step(self, x: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Feed x [B, n, C] at the next n positions of the cache; logits of every position, or with `last_only` of
+        the last one (the prompt pass of sampling: the last block then runs its attention output, MLP and the head
+        for one position instead of n)."""
+        n = x.shape[1]
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
-        cache.length += x.shape[1]
+            x = block(x, cache, layer, last_only and layer == len(self.blocks) - 1)
+        cache.length += n
         return self.lm_head(self.ln_f(x))
 
     def _decode_token(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -208,6 +208,13 @@ def test_cached_teacher_forced_logits_match_the_full_forward(model_cls, prefill)
     cached = torch.cat(cached, dim=1)
     assert cached.shape == full.shape
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    # generate's prompt pass computes the last position's output only; its cache must serve the next steps the same
+    with torch.no_grad():
+        cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.float32)
+        last = model._decode_step(model.embed(ids[:, :prefill]), cache, last_only=True)
+        after = model._decode_step(model.embed(ids[:, prefill - 1:prefill], pos_offset=prefill, shift=False), cache)
+    assert last.shape == (2, 1, cfg.vocab_size) and cache.length == prefill + 1
+    torch.testing.assert_close(torch.cat([last, after], 1), full[:, prefill - 1:prefill + 1], rtol=0, atol=1e-5)
 
 
 def test_generate_top_k_and_errors():
