@@ -100,11 +100,12 @@ class Ours:
             self.sampler.load_state_dict(state)
 
 
-def first_call_s(fn) -> float:
-    """Seconds of one call: for a compiled function its first call, which compiles (reported, never timed)."""
+def call_timed(fn):
+    """(result, wall seconds) of one call: for a compiled function its first call, which compiles (reported, never
+    timed)."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    return result, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -129,9 +130,7 @@ def check_samplers(ours: Ours, hf, ids, seed: int, precision: str) -> float:
     N = ours.model.cfg.n_ctx
     prompt = ids[:, :N - min(CHECK_TOKENS, N)]
     sample_ours, sample_hf = sample_fns(ours.sampler, hf, prompt, N - prompt.shape[1], seed)
-    start = time.perf_counter()
-    a = sample_ours()
-    first_s = time.perf_counter() - start
+    a, first_s = call_timed(sample_ours)
     b = sample_hf()
     P = prompt.shape[1]
     if a.shape != (ids.shape[0], N) or not torch.equal(a[:, :P], prompt):
@@ -150,9 +149,7 @@ def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: st
     ours.load_state_dict(initial_state)
     hf.load_state_dict(to_hf(ours.model))
     ours.model.train()
-    start = time.perf_counter()
-    loss_ours, loss_hf = check_losses(ours, hf, ids, precision)
-    loss_check_s = time.perf_counter() - start
+    (loss_ours, loss_hf), loss_check_s = call_timed(lambda: check_losses(ours, hf, ids, precision))
 
     N, S = cfg.n_ctx, args.sample_tokens
     ours.sampler.eval(), hf.eval()
@@ -166,7 +163,7 @@ def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: st
     steps = {"ours": train_step_fn(ours.model, ours.loss, ids, precision),
              "hf": train_step_fn(hf, hf_loss, ids, precision)}
     # ours' first step compiles the backward (the loss check compiled the forward); it is not one of the warm-up steps
-    train_first_s = first_call_s(steps["ours"]) if ours.compiled else None
+    train_first_s = call_timed(steps["ours"])[1] if ours.compiled else None
     log(f"{precision}: training steps ({args.warmup} warm-up + {args.steps} timed, each model)")
     step_s = time_interleaved(steps, args.warmup, args.steps)
     step_median = medians(step_s)

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from igpt.palette import Palette
+
 SHAPES_CLASSES = [
     "disc",          # filled circle
     "ring",          # annulus
@@ -222,8 +224,6 @@ def shapes_palette():
     """The fixed 512-colour palette of the shapes dataset: the 8x8x8 grid of PALETTE_LEVELS (0, 36, 73, ..., 255)
     in every channel, so SHAPES_COLOURS quantize exactly. Train on shapes with it: k-means needs >= 512 distinct
     colours and the dataset has 8."""
-    from igpt.palette import Palette
-
     grid = np.stack(np.meshgrid(PALETTE_LEVELS, PALETTE_LEVELS, PALETTE_LEVELS, indexing="ij"), -1).reshape(-1, 3)
     return Palette(torch.from_numpy(grid / 127.5 - 1).float())
 
