@@ -258,7 +258,12 @@ def main(argv=None):
     args = parse_args(argv)
     env = setup_env()
     try:
-        return train(args, env)
+        model = train(args, env)
+        if dist.is_initialized():
+            # Leave together: a rank that tears its gloo pairs down while a peer is still saving or finishing the
+            # last collective can abort ("terminate called without an active exception"), failing a finished run.
+            dist.barrier()
+        return model
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
