@@ -42,6 +42,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(1.702 * x) / 1.702
 
 
+def quick_gelu_(x: torch.Tensor) -> torch.Tensor:
+    """quick_gelu in place, for inference: the same three ops, bit-identical, without two fresh [B, N, 4C] buffers.
+    On CPU the allocator hands large freed blocks back to the OS, and faulting fresh pages in cost more than the
+    math (the sampler's prompt pass on a 2-core EPYC: ~4.5 ms per op out of place vs ~1.3 ms in place)."""
+    return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+
+
 class EagerOps:
     """The op implementations `Decoder` calls: plain PyTorch (SDPA attention)."""
 
@@ -98,6 +105,39 @@ def linear_weights_cast(model: nn.Module, dtype: torch.dtype):
     finally:
         for m, w in zip(linears, weights):
             m._parameters["weight"] = w
+
+
+def onednn_available() -> bool:
+    """oneDNN's packed-weight linear (what torch.compile's CPU weight freezing emits) is in this PyTorch build."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@contextlib.contextmanager
+def onednn_packed_linears(model: nn.Module):
+    """Within the block every CPU nn.Linear of `model` with an fp32 or bf16 weight multiplies through oneDNN, its weight
+    packed once into oneDNN's blocked layout. For fp32, F.linear calls MKL's sgemm, which is slow on small batches and
+    on AMD CPUs (measured on a 2-core AMD EPYC: 1.7x faster with one token per image, 4 images; 1.2-1.6x at 3840 rows).
+    The same products, summed in another order: fp32 results can differ in the last bits. Other linears (float64,
+    GPU) and builds without oneDNN keep F.linear."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
+               and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    if not onednn_available():
+        linears = []
+    try:
+        for m in linears:
+            w = m.weight.detach()
+            bias = None if m.bias is None else m.bias.detach().to(w.dtype)
+            m.forward = _onednn_linear(torch.ops.mkldnn._reorder_linear_weight(w), bias)  # instance attr wins
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
+
+
+def _onednn_linear(packed: torch.Tensor, bias: torch.Tensor | None):
+    def forward(x):  # autocast has no rule for the oneDNN op: cast the input to the weight's dtype, as autocast would
+        return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [None], "")
+    return forward
 
 
 class KVCache:
@@ -162,7 +202,8 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
-        return self.proj(quick_gelu(self.fc(x)))
+        h = self.fc(x)
+        return self.proj(quick_gelu(h) if torch.is_grad_enabled() and h.requires_grad else quick_gelu_(h))
 
 
 class Block(nn.Module):
@@ -213,6 +254,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=False)
         self.clf_head = nn.Linear(C, cfg.n_classes) if cfg.n_classes else None
         self.palette = None  # see attach_palette; not part of the state_dict
+        self.sampler_compiled = False  # see compile_sampler
         self.reset_parameters()
 
     @torch.no_grad()
@@ -396,7 +438,8 @@ class Decoder(nn.Module):
     def generate(self, n: int, prompt: torch.Tensor | None = None, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample n images' tokens [n, n_ctx] with a KV cache: the prompt (ids [n or 1, P]) is encoded in one
-        pass, then one token per step attends to the cache. Full softmax at temperature 1 unless told otherwise."""
+        pass, then one token per step attends to the cache. Full softmax at temperature 1 unless told otherwise.
+        On CPU the linears multiply through packed oneDNN weights (`onednn_packed_linears`)."""
         if self.cfg.objective != "ar":
             raise ValueError("generate needs an AR model (objective='ar')")
         if temperature <= 0:
@@ -419,7 +462,11 @@ class Decoder(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
         cache_dtype = dtype if device.type != "cpu" else self.wte.weight.dtype
         cache = KVCache(self.cfg.n_layer, n, self.cfg.n_head, N, self.cfg.head_dim, device, cache_dtype)
-        with linear_weights_cast(self, dtype) if autocast else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if autocast:
+                stack.enter_context(linear_weights_cast(self, dtype))
+            if device.type == "cpu" and not self.sampler_compiled:  # a compiled step leaves the GEMMs to Inductor
+                stack.enter_context(onednn_packed_linears(self))
             return self._sample(prompt, cache, temperature, top_k, generator)
 
     def _sample(self, prompt, cache: KVCache, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -459,8 +506,11 @@ class Decoder(nn.Module):
     def compile_sampler(self, **options) -> "Decoder":
         """Opt-in: `torch.compile` the one-token step that `generate` repeats (the prompt pass stays eager). The cache
         length is a dynamic size, so one graph serves every position; the first `generate` pays the compile (tens of
-        seconds on CPU). `options` go to torch.compile. Returns self."""
+        seconds on CPU). On CPU the linears then run F.linear / Inductor's GEMMs instead of generate's packed oneDNN
+        weights (Inductor lowers those only for weights frozen into the graph). `options` go to torch.compile.
+        Returns self."""
         self._decode_token = torch.compile(self._decode_token, dynamic=True, **options)
+        self.sampler_compiled = True
         return self
 
     # -- serialisation -------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from igpt import Decoder, FusedDecoder, IGPTConfig
-from igpt.model import IGPTOutput, random_bert_mask
+from igpt.model import IGPTOutput, onednn_available, onednn_packed_linears, random_bert_mask
 
 torch.set_num_threads(2)
 
@@ -158,6 +158,21 @@ def test_hidden_states_and_features_definition():
         model.features(ids, layers=[cfg.n_layer + 1])
 
 
+def test_mlp_inference_runs_quick_gelu_in_place_bit_identical_to_training():
+    from igpt.model import MLP, quick_gelu, quick_gelu_
+
+    x = torch.randn(3, 5, 64, dtype=torch.float64) * 4
+    assert torch.equal(quick_gelu_(x.clone()), quick_gelu(x))
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=1e-12, atol=1e-12)
+    mlp = MLP(tiny())
+    x = torch.randn(2, 7, tiny().n_embd, requires_grad=True)
+    trained = mlp(x)  # autograd path: out of place
+    with torch.no_grad():
+        assert torch.equal(mlp(x), trained)
+    trained.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_classifier_head():
     cfg = tiny(n_classes=5)
     model = randomized(Decoder(cfg))
@@ -268,6 +283,40 @@ def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(m
     assert tokens.shape == (2, cfg.n_ctx) and torch.equal(tokens[:, :5], prompt)
     assert torch.equal(tokens, per_call)
     assert list(model.named_parameters()) == list(params.items())  # the same Parameter objects, in the same order
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_onednn_packed_linears_compute_the_linear_and_restore_the_modules(dtype, bias):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=bias), torch.nn.Linear(96, 32, bias=bias)).to(dtype)
+    params = list(model.parameters())
+    with torch.no_grad():
+        for x in (torch.randn(4, 1, 64, dtype=dtype), torch.randn(3, 37, 64, dtype=dtype)):  # a decode step, a prompt
+            expected = model(x)
+            with onednn_packed_linears(model):
+                assert all("forward" in m.__dict__ for m in model)
+                got = model(x)
+            assert got.dtype == dtype
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(got, expected, **tol)
+    assert all("forward" not in m.__dict__ for m in model) and list(model.parameters()) == params
+    with onednn_packed_linears(model.double()):  # not a oneDNN dtype: F.linear stays
+        assert all("forward" not in m.__dict__ for m in model)
+
+
+def test_generate_on_cpu_multiplies_through_packed_onednn_weights_unless_compiled(monkeypatch):
+    import igpt.model
+
+    packed = []
+    monkeypatch.setattr(igpt.model, "onednn_packed_linears",
+                        lambda m: packed.append(m) or igpt.model.contextlib.nullcontext())
+    model = randomized(Decoder(tiny())).eval()
+    model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
+    assert packed == [model]
+    model.sampler_compiled = True  # what compile_sampler sets: Inductor then picks the GEMMs (it cannot lower ours)
+    model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
+    assert packed == [model]
 
 
 @pytest.mark.slow
