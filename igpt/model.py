@@ -145,8 +145,8 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch: int, n_head: int, n_ctx: int, head_dim: int, device, dtype):
         shape = (batch, n_head, n_ctx, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]  # read only up to length
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.length = 0  # tokens already cached (the same for every layer once a forward pass finished)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
