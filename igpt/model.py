@@ -120,7 +120,7 @@ def onednn_packed_linears(model: nn.Module):
     The same products, summed in another order: fp32 results can differ in the last bits. Other linears (float64,
     GPU) and builds without oneDNN keep F.linear."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
-               and m.weight.dtype in (torch.float32, torch.bfloat16)]
+               and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in m.__dict__]  # not yet packed
     if not onednn_available():
         linears = []
     try:
@@ -135,9 +135,25 @@ def onednn_packed_linears(model: nn.Module):
 
 
 def _onednn_linear(packed: torch.Tensor, bias: torch.Tensor | None):
-    def forward(x):  # autocast has no rule for the oneDNN op: cast the input to the weight's dtype, as autocast would
+    def forward(x):
+        if torch.is_grad_enabled():  # the packed copy is no Parameter: gradients would silently skip the weights
+            raise RuntimeError("onednn_packed_linears is for inference: run the model under torch.no_grad()")
+        # autocast has no rule for the oneDNN op: cast the input to the weight's dtype, as autocast would
         return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [None], "")
     return forward
+
+
+@contextlib.contextmanager
+def inference_linears(model: nn.Module, autocast_dtype: torch.dtype | None = None, pack: bool = True):
+    """No-grad inference (sampling, probe features): under autocast (`autocast_dtype`) the linear weights are cast once
+    (`linear_weights_cast`), and with `pack` the CPU ones multiply through packed oneDNN weights
+    (`onednn_packed_linears`)."""
+    with contextlib.ExitStack() as stack:
+        if autocast_dtype is not None:
+            stack.enter_context(linear_weights_cast(model, autocast_dtype))
+        if pack:
+            stack.enter_context(onednn_packed_linears(model))
+        yield
 
 
 class KVCache:
@@ -462,11 +478,8 @@ class Decoder(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
         cache_dtype = dtype if device.type != "cpu" else self.wte.weight.dtype
         cache = KVCache(self.cfg.n_layer, n, self.cfg.n_head, N, self.cfg.head_dim, device, cache_dtype)
-        with contextlib.ExitStack() as stack:
-            if autocast:
-                stack.enter_context(linear_weights_cast(self, dtype))
-            if device.type == "cpu" and not self.sampler_compiled:  # a compiled step leaves the GEMMs to Inductor
-                stack.enter_context(onednn_packed_linears(self))
+        # a compiled decode step leaves the GEMMs to Inductor (it cannot lower the packed weights)
+        with inference_linears(self, dtype if autocast else None, pack=not self.sampler_compiled):
             return self._sample(prompt, cache, temperature, top_k, generator)
 
     def _sample(self, prompt, cache: KVCache, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from igpt.model import Decoder
+from igpt.model import Decoder, inference_linears
 from igpt.train import pick_precision
 
 L2_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -38,11 +38,13 @@ def extract_features(model: Decoder, images: torch.Tensor, batch_size: int = 32,
     """uint8 images [n, R, R, 3] -> fp32 features [n_layers, n, C] of the model (palette attached)."""
     model.eval()
     device = model.wte.weight.device
+    amp = amp_dtype != torch.float32
     chunks = []
-    for s in range(0, images.shape[0], batch_size):
-        pixels = images[s:s + batch_size].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            chunks.append(model.features(pixels=pixels, layers=layers).float().cpu())
+    with inference_linears(model, amp_dtype if amp else None):  # on CPU: oneDNN, ~1.25x faster on the demo model
+        for s in range(0, images.shape[0], batch_size):
+            pixels = images[s:s + batch_size].to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                chunks.append(model.features(pixels=pixels, layers=layers).float().cpu())
     return torch.cat(chunks, dim=1)
 
 

@@ -296,11 +296,16 @@ def test_onednn_packed_linears_compute_the_linear_and_restore_the_modules(dtype,
             expected = model(x)
             with onednn_packed_linears(model):
                 assert all("forward" in m.__dict__ for m in model)
+                with onednn_packed_linears(model):  # nested: a no-op that leaves the outer packing in place
+                    pass
+                assert all("forward" in m.__dict__ for m in model)
                 got = model(x)
             assert got.dtype == dtype
             tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(got, expected, **tol)
     assert all("forward" not in m.__dict__ for m in model) and list(model.parameters()) == params
+    with onednn_packed_linears(model), pytest.raises(RuntimeError, match="no_grad"):
+        model(torch.randn(2, 64, dtype=dtype))  # the packed weights carry no gradient: refused, not silently wrong
     with onednn_packed_linears(model.double()):  # not a oneDNN dtype: F.linear stays
         assert all("forward" not in m.__dict__ for m in model)
 
