@@ -109,7 +109,8 @@ def linear_weights_cast(model: nn.Module, dtype: torch.dtype):
 
 def onednn_available() -> bool:
     """oneDNN's packed-weight linear (what torch.compile's CPU weight freezing emits) is in this PyTorch build."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"))
 
 
 @contextlib.contextmanager
@@ -119,10 +120,11 @@ def onednn_packed_linears(model: nn.Module):
     on AMD CPUs (measured on a 2-core AMD EPYC: 1.7x faster with one token per image, 4 images; 1.2-1.6x at 3840 rows).
     The same products, summed in another order: fp32 results can differ in the last bits. Other linears (float64,
     GPU) and builds without oneDNN keep F.linear."""
+    dtypes = {torch.float32, torch.bfloat16} if onednn_available() else set()
+    if dtypes and not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # CPUs without AVX512-BW/BF16 or AMX
+        dtypes.discard(torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
-               and m.weight.dtype in (torch.float32, torch.bfloat16) and "forward" not in m.__dict__]  # not yet packed
-    if not onednn_available():
-        linears = []
+               and m.weight.dtype in dtypes and "forward" not in m.__dict__]  # (not packed yet: nesting is a no-op)
     try:
         for m in linears:
             w = m.weight.detach()

@@ -310,6 +310,14 @@ def test_onednn_packed_linears_compute_the_linear_and_restore_the_modules(dtype,
         assert all("forward" not in m.__dict__ for m in model)
 
 
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_onednn_packed_linears_leave_bf16_to_f_linear_where_the_cpu_lacks_onednn_bf16(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).bfloat16())
+    with onednn_packed_linears(model):
+        assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+
+
 def test_generate_on_cpu_multiplies_through_packed_onednn_weights_unless_compiled(monkeypatch):
     import igpt.model
 
