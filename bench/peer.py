@@ -12,7 +12,7 @@ happens in the first calls, which are timed separately and never counted in the 
 Correctness first: fp32 logits must agree to 1e-4 and the two losses must agree in every precision, or the script
 exits non-zero before timing.
 
-    python bench/peer.py                      # 8 layers x 256 wide, B 4, N 1024, ours compiled
+    python bench/peer.py                      # 8 layers x 256 wide, B 4, N 1024, training compiled
     python bench/peer.py --no-compile         # ours eager
     python bench/peer.py --quick --json out.json
 """
@@ -45,7 +45,7 @@ def cli(argv=None):
     p.add_argument("--sample-repeat", type=int, help="timed sampling runs after a short warm-up (median)")
     p.add_argument("--matmul-size", type=int, help="n of the n x n x n matmul that measures the peak")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="ours under torch.compile (training loss and decode step); default on, off under --quick")
+                   help="our training loss under torch.compile; default on, off under --quick")
     args = parse_args(p, argv, FULL, QUICK)
     if args.compile is None:
         args.compile = not args.quick
@@ -86,7 +86,7 @@ class Ours:
 
     def describe(self) -> str:
         if not self.compiled:
-            return "ours: eager Decoder (loss and generate as written; --compile compiles them)"
+            return "ours: eager Decoder (loss and generate as written; --compile compiles the loss)"
         return ("ours: torch.compile(Decoder.loss, fullgraph=True) in the training step (inductor), "
                 "Decoder.generate as written (eager) for sampling; "
                 "HF: eager")
