@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from igpt import Decoder, IGPTConfig
-from igpt.model import onednn_available
+from igpt.model import onednn_available, onednn_linear
 from igpt.convert import hf_config_kwargs, hf_input_ids, to_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,9 +202,10 @@ def matmul_peak(precision: str, n: int = 4096, warmup: int = 1, repeat: int = 3)
     a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
     fns = [lambda: torch.matmul(a, b)]
     if onednn_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())  # linear(a, b^T) = a @ b
-        fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [None], ""))
-    return max(2 * n**3 / timeit(fn, warmup, repeat) for fn in fns)
+        linear = onednn_linear(b.t().contiguous())  # linear(a, b^T) = a @ b
+        fns.append(lambda: linear(a))
+    with torch.no_grad():  # the oneDNN linear is inference only
+        return max(2 * n**3 / timeit(fn, warmup, repeat) for fn in fns)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

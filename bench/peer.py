@@ -118,7 +118,7 @@ def sample_fns(ours, hf, prompt: torch.Tensor, new_tokens: int, seed: int):
     return sample_ours, sample_hf
 
 
-def check_samplers(ours: Ours, hf, ids, seed: int, precision: str) -> float:
+def check_samplers(ours: Ours, hf, ids, seed: int) -> float:
     """A short completion (the last CHECK_TOKENS tokens) with each sampler: both must return whole images that keep the
     prompt. It also warms the samplers up. Returns the seconds of our first call."""
     N = ours.model.cfg.n_ctx
@@ -146,7 +146,7 @@ def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: st
     sample_ours, sample_hf = sample_fns(ours.model, hf, ids[:, :N - S], S, args.seed)
     log(f"{precision}: losses agree; sampling {S} tokens x {args.batch} images, {args.sample_repeat} runs each")
     with autocast(precision):
-        sample_first_s = check_samplers(ours, hf, ids, args.seed, precision)
+        sample_first_s = check_samplers(ours, hf, ids, args.seed)
         sample_all = time_interleaved({"ours": sample_ours, "hf": sample_hf}, 0, args.sample_repeat)
     sample_s = medians(sample_all)
 

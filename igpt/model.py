@@ -127,19 +127,22 @@ def onednn_packed_linears(model: nn.Module):
                and m.weight.dtype in dtypes and "forward" not in m.__dict__]  # (not packed yet: nesting is a no-op)
     try:
         for m in linears:
-            w = m.weight.detach()
-            bias = None if m.bias is None else m.bias.detach().to(w.dtype)
-            m.forward = _onednn_linear(torch.ops.mkldnn._reorder_linear_weight(w), bias)  # instance attr wins
+            m.forward = onednn_linear(m.weight, m.bias)  # an instance attribute wins over the class's forward
         yield
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
 
 
-def _onednn_linear(packed: torch.Tensor, bias: torch.Tensor | None):
+def onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x -> F.linear(x, weight, bias) through oneDNN, `weight` [out, in] packed once now (a snapshot: later changes to
+    the weight are not seen). Inference only. Needs `onednn_available()`."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    bias = None if bias is None else bias.detach().to(packed.dtype)
+
     def forward(x):
         if torch.is_grad_enabled():  # the packed copy is no Parameter: gradients would silently skip the weights
-            raise RuntimeError("onednn_packed_linears is for inference: run the model under torch.no_grad()")
+            raise RuntimeError("packed oneDNN linears are for inference: run the model under torch.no_grad()")
         # autocast has no rule for the oneDNN op: cast the input to the weight's dtype, as autocast would
         return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [None], "")
     return forward
