@@ -282,10 +282,13 @@ def matmul_params(model: Decoder) -> int:
                if p.dim() == 2 and not name.startswith(("wte.", "wpe.")))
 
 
-def train_flops(model: Decoder, batch: int) -> float:
+def train_flops(model: Decoder, batch: int, causal_half: bool = False) -> float:
+    """FLOP_MODEL's count; with `causal_half`, the attention term counts only the causal half of the score matrix:
+    the least matmul work any implementation of an AR step must do (what the ceiling in peer.py uses)."""
     cfg = model.cfg
     N = cfg.n_ctx
-    return 6 * matmul_params(model) * batch * N + 12 * cfg.n_layer * N**2 * cfg.n_embd * batch
+    attention = 12 * cfg.n_layer * N**2 * cfg.n_embd * batch
+    return 6 * matmul_params(model) * batch * N + (attention / 2 if causal_half else attention)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def test_peer_quick(tmp_path):
             assert 0 < r["train"]["fraction_of_matmul_peak"][side]
         assert r["matmul_peak_flop_per_s"] > 0
         assert r["loss"]["ours"] == pytest.approx(r["loss"]["hf"], rel=2e-2)
+        # the ceiling: HF's step over the necessary matmul work (less than the counted FLOPs) at the measured peak
+        assert 0 < r["train"]["floor_s"] < data["train_flops_per_step"] / r["matmul_peak_flop_per_s"]
+        assert r["train"]["ratio_ceiling"] == pytest.approx(r["train"]["step_s_median"]["hf"] / r["train"]["floor_s"])
+    assert "training ours/HF ceiling" in proc.stdout
     assert "ours: eager" in proc.stdout and data["settings"]["compile"] is False  # --quick does not compile
     assert all(r["first_calls_s"] is None for r in data["results"].values())
 
@@ -95,6 +99,20 @@ def test_correctness_check_fails_loudly(bench_modules, tmp_path):
         peer.main(["--quick", "--corrupt-for-test", "--json", str(out)])
     assert "correctness check FAILED" in str(exit_info.value.code) and "logits differ" in str(exit_info.value.code)
     assert not out.exists()
+
+
+def test_train_flops_counts_by_hand(bench_modules):
+    """FLOP model by hand for 2 layers x 32 wide, 16 tokens, batch 3: the matmul parameters are the blocks' linears
+    (12 C^2 per layer, no biases) and the head (C x 512); the attention term is 12 L N^2 C B, halved on request."""
+    common, _, _ = bench_modules
+    from igpt import Decoder
+
+    model = Decoder(IGPTConfig(n_layer=2, n_embd=32, n_head=2, resolution=4))
+    P = 2 * 12 * 32**2 + 32 * 512
+    assert common.matmul_params(model) == P
+    attention = 12 * 2 * 16**2 * 32 * 3
+    assert common.train_flops(model, 3) == 6 * P * 3 * 16 + attention
+    assert common.train_flops(model, 3, causal_half=True) == 6 * P * 3 * 16 + attention / 2
 
 
 def test_check_logits_rejects_mismatched_models(bench_modules):
