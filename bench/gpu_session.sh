@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine: every kernel benchmark with its JSON, then the GPU tests.
+#
+#   bash bench/gpu_session.sh OUTDIR            # from the repository root, on the GPU machine
+#
+# Writes OUTDIR/log.txt (everything printed, each step's exit status and seconds) and the benchmarks' files:
+# attention.json, attention.png, attention-d96.json, norm.json, embedding.json, train-s-32.json (7 files; the device
+# tool returns at most 8). Copy the JSONs and the plot to bench/results/<device>/ as they are.
+# Each step runs under its own time limit, so one stuck step cannot spend the whole lease; a failed step is logged
+# and the others still run. The exit status is the first failed step's (0 when all passed).
+# Needs only what the GPU image has ($PYTHON, default python3, with torch, triton, pytest, transformers and
+# matplotlib): nothing is installed; igpt and igpt_kernels go on PYTHONPATH (kernels/ is imported as igpt_kernels).
+# All steps share a budget of BUDGET seconds (570), under the device tool's 600 s per command. SKIP_TESTS=1 leaves
+# the GPU tests out; QUICK=1 passes --quick to every benchmark (tiny sizes: how tests/test_bench_smoke.py runs this
+# script on a CPU). With the device tool:  run(command="bash bench/gpu_session.sh $OUT", timeout_s=600)
+set -u
+out=${1:?usage: bash bench/gpu_session.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+log="$out/log.txt"
+: >"$log"
+cd "$(dirname "$0")/.."
+
+site=$(mktemp -d)
+ln -s "$PWD/igpt" "$site/igpt"
+ln -s "$PWD/kernels" "$site/igpt_kernels"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+python=${PYTHON:-python3}
+quick=""
+train_size=(--preset s --resolution 32)
+if [ "${QUICK:-0}" = 1 ]; then quick=--quick train_size=(); fi
+budget=${BUDGET:-570}  # seconds for all steps: the device tool stops a command at 600 s
+status=0
+step() {  # step LIMIT_SECONDS NAME COMMAND...  (the limit is cut to what is left of the budget)
+    local limit=$1 name=$2
+    shift 2
+    local left=$((budget - SECONDS))
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt 10 ]; then
+        echo "=== $name: SKIPPED, the ${budget} s budget is spent" | tee -a "$log"
+        if [ "$status" -eq 0 ]; then status=124; fi
+        return
+    fi
+    echo "=== $name (limit ${limit} s): $*" | tee -a "$log"
+    local start=$SECONDS rc=0
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1 || rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    git rev-parse HEAD 2>/dev/null || echo "(no git)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+                '| triton', triton.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+} >>"$log" 2>&1
+
+# The benchmarks first: each checks its outputs against the reference before timing. The tests get what is left.
+step 100 "attention D 64" "$python" bench/attention.py $quick --json "$out/attention.json" --plot "$out/attention.png"
+step 60 "attention D 96" "$python" bench/attention.py $quick --hdim 96 --json "$out/attention-d96.json"
+step 40 "norm" "$python" bench/norm.py $quick --json "$out/norm.json"
+step 40 "embedding" "$python" bench/embedding.py $quick --json "$out/embedding.json"
+step 100 "train S 32x32" "$python" bench/train.py $quick "${train_size[@]}" --json "$out/train-s-32.json"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    step "$budget" "GPU tests" "$python" -m pytest -q -m gpu -p no:cacheprovider tests
+fi
+echo "=== done after $SECONDS s, exit $status" | tee -a "$log"
+exit "$status"
