@@ -4,8 +4,9 @@
 #   bash bench/gpu_session.sh OUTDIR            # from the repository root, on the GPU machine
 #
 # Writes OUTDIR/log.txt (everything printed, each step's exit status and seconds) and the benchmarks' files:
-# attention.json, attention.png, attention-d96.json, norm.json, embedding.json, train-s-32.json (7 files; the device
-# tool returns at most 8). Copy the JSONs and the plot to bench/results/<device>/ as they are.
+# attention.json, attention.png, attention-d96.json, norm.json, embedding.json, train-s-32.json, and the metrics of a
+# short igpt/train.py run that resumes from its checkpoint, train-run-metrics.jsonl (8 files: the device tool returns
+# at most 8). Copy the JSONs and the plot to bench/results/<device>/ as they are.
 # Each step runs under its own time limit, so one stuck step cannot spend the whole lease; a failed step is logged
 # and the others still run. The exit status is the first failed step's (0 when all passed).
 # Needs only what the GPU image has ($PYTHON, default python3, with torch, triton, pytest, transformers and
@@ -29,7 +30,11 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 quick=""
 train_size=(--preset s --resolution 32)
-if [ "${QUICK:-0}" = 1 ]; then quick=--quick train_size=(); fi
+run_size=(--preset tiny --resolution 32 --batch-size 32 --ckpt-every 20 --ac every-2)
+steps=(40 60)  # the run stops after the first count of steps, then resumes from its checkpoint to the second
+if [ "${QUICK:-0}" = 1 ]; then
+    quick=--quick train_size=() run_size=(--preset tiny --resolution 8 --batch-size 4 --ckpt-every 2) steps=(2 4)
+fi
 budget=${BUDGET:-570}  # seconds for all steps: the device tool stops a command at 600 s
 status=0
 step() {  # step LIMIT_SECONDS NAME COMMAND...  (the limit is cut to what is left of the budget)
@@ -58,11 +63,17 @@ step() {  # step LIMIT_SECONDS NAME COMMAND...  (the limit is cut to what is lef
 } >>"$log" 2>&1
 
 # The benchmarks first: each checks its outputs against the reference before timing. The tests get what is left.
-step 100 "attention D 64" "$python" bench/attention.py $quick --json "$out/attention.json" --plot "$out/attention.png"
-step 60 "attention D 96" "$python" bench/attention.py $quick --hdim 96 --json "$out/attention-d96.json"
-step 40 "norm" "$python" bench/norm.py $quick --json "$out/norm.json"
-step 40 "embedding" "$python" bench/embedding.py $quick --json "$out/embedding.json"
-step 100 "train S 32x32" "$python" bench/train.py $quick "${train_size[@]}" --json "$out/train-s-32.json"
+step 90 "attention D 64" "$python" bench/attention.py $quick --json "$out/attention.json" --plot "$out/attention.png"
+step 50 "attention D 96" "$python" bench/attention.py $quick --hdim 96 --json "$out/attention-d96.json"
+step 35 "norm" "$python" bench/norm.py $quick --json "$out/norm.json"
+step 35 "embedding" "$python" bench/embedding.py $quick --json "$out/embedding.json"
+step 90 "train S 32x32" "$python" bench/train.py $quick "${train_size[@]}" --json "$out/train-s-32.json"
+# igpt/train.py end to end: nccl and FSDP2 on a GPU, bf16 where supported, a checkpoint, then a resume from it
+run_dir=$(mktemp -d)/run
+train=("$python" -m torch.distributed.run --standalone --nproc_per_node=1 igpt/train.py "${run_size[@]}" --out "$run_dir")
+step 60 "igpt/train.py" "${train[@]}" --steps "${steps[0]}"
+step 45 "igpt/train.py --resume" "${train[@]}" --steps "${steps[1]}" --resume
+cp "$run_dir/metrics.jsonl" "$out/train-run-metrics.jsonl" 2>>"$log"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     step "$budget" "GPU tests" "$python" -m pytest -q -m gpu -p no:cacheprovider tests
 fi

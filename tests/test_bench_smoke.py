@@ -68,7 +68,7 @@ def test_peer_quick_compiled(tmp_path):
 
 
 GPU_SESSION_FILES = {"log.txt", "attention.json", "attention.png", "attention-d96.json", "norm.json", "embedding.json",
-                     "train-s-32.json"}
+                     "train-s-32.json", "train-run-metrics.jsonl"}
 
 
 def run_gpu_session(out, **env):
@@ -78,19 +78,22 @@ def run_gpu_session(out, **env):
 
 def test_gpu_session_script_runs_every_step(tmp_path):
     """bench/gpu_session.sh, the one prepared run for a lent GPU, works here with --quick sizes: every benchmark
-    exits 0 and writes its file into OUTDIR, no more files than the device tool returns (8)."""
+    and the training run (stopped, then resumed) exit 0 and write their files into OUTDIR, no more files than the
+    device tool returns (8)."""
     proc = run_gpu_session(tmp_path, QUICK="1", SKIP_TESTS="1")
     assert proc.returncode == 0, proc.stdout[-2000:] + (tmp_path / "log.txt").read_text()[-3000:]
     assert {p.name for p in tmp_path.iterdir()} == GPU_SESSION_FILES
-    assert proc.stdout.count(": exit 0 after") == 5 and "done after" in proc.stdout
-    for name in GPU_SESSION_FILES - {"log.txt", "attention.png"}:
+    assert proc.stdout.count(": exit 0 after") == 7 and "done after" in proc.stdout
+    for name in GPU_SESSION_FILES - {"log.txt", "attention.png", "train-run-metrics.jsonl"}:
         assert json.loads((tmp_path / name).read_text())["env"]["git_sha"]
+    metrics = [json.loads(line) for line in (tmp_path / "train-run-metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in metrics if "step" in m) == 4  # 2 steps, then resumed to 4
 
 
 def test_gpu_session_script_reports_a_spent_budget(tmp_path):
     """Steps that no longer fit in the budget are skipped and named, and the script exits non-zero."""
     proc = run_gpu_session(tmp_path, BUDGET="5")
-    assert proc.returncode == 124 and proc.stdout.count("SKIPPED") == 6
+    assert proc.returncode == 124 and proc.stdout.count("SKIPPED") == 8
 
 
 def test_sample_quick(tmp_path):
