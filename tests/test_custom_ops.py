@@ -11,6 +11,8 @@ import torch
 from fused_parity import randomized_pair, tiny_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import igpt.model
+
 # igpt_kernels.attention etc. are also the names of the entry-point functions: fetch the modules themselves.
 KERNEL_MODULES = [importlib.import_module(f"igpt_kernels.{name}") for name in ("attention", "norm", "embedding")]
 
@@ -115,9 +117,13 @@ def test_dynamo_traces_the_triton_path_into_one_graph(triton_path):
     # strict export = dynamo with fullgraph: a graph break is an error. Fake tensors only: no kernel runs.
     program = torch.export.export(Loss(fused), (ids,), strict=True)
     calls = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("igpt.")]
+    linears = [c for c in calls if c == "igpt.onednn_linear.default"]  # fp32 CPU linears (igpt.model.Linear)
+    kernels = [c for c in calls if c not in linears]
     # embedding; per block ln_1, attention, ln_2; ln_f
-    assert sorted(calls) == sorted(["igpt.palette_embedding_fwd.default"] + ["igpt.norm_fwd.default"] * (
+    assert sorted(kernels) == sorted(["igpt.palette_embedding_fwd.default"] + ["igpt.norm_fwd.default"] * (
         2 * cfg.n_layer + 1) + ["igpt.attention_fwd.default"] * cfg.n_layer), calls
+    # per block qkv, proj, fc, proj; lm_head
+    assert len(linears) == (4 * cfg.n_layer + 1 if igpt.model.ONEDNN_LINEAR else 0)
 
 
 def test_fake_training_step_uses_the_backward_ops(triton_path, monkeypatch):

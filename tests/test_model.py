@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from igpt import Decoder, FusedDecoder, IGPTConfig
 from igpt.model import IGPTOutput, onednn_available, onednn_packed_linears, random_bert_mask
@@ -316,6 +317,72 @@ def test_onednn_packed_linears_leave_bf16_to_f_linear_where_the_cpu_lacks_onednn
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).bfloat16())
     with onednn_packed_linears(model):
         assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(37, 64), (3, 37, 64)])
+def test_linear_trains_through_onednn_with_f_linear_results(shape, bias):
+    """igpt.model.Linear (fp32, CPU): the oneDNN op runs, and its output and gradients (input, weight, bias) match
+    float64 F.linear as closely as fp32 nn.Linear does; two runs are bit-identical."""
+    from igpt.model import Linear
+
+    torch.manual_seed(0)
+    ours = Linear(64, 96, bias=bias)
+    plain = torch.nn.Linear(64, 96, bias=bias)
+    plain.load_state_dict(ours.state_dict())
+    reference = torch.nn.Linear(64, 96, bias=bias).double()
+    reference.load_state_dict(ours.state_dict())
+    x, grad = torch.randn(shape), torch.randn(*shape[:-1], 96)
+
+    def run(layer):  # output, input gradient, parameter gradients, in float64
+        x_ = x.to(layer.weight.dtype).clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = layer(x_)
+        y.backward(grad.to(y.dtype))
+        return [t.detach().double() for t in (y, x_.grad, *(p.grad for p in layer.parameters()))]
+
+    got, base, expected = run(ours), run(plain), run(reference)
+    for g, b, e in zip(got, base, expected):
+        assert (g - e).abs().max() <= 2 * (b - e).abs().max() + 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(got, run(ours)))
+    graph = torch.export.export(ours, (x,)).graph
+    assert any("onednn_linear" in str(n.target) for n in graph.nodes)
+
+
+def test_linear_leaves_autocast_bf16_float64_and_dtensor_weights_to_f_linear(monkeypatch):
+    import igpt.model
+    from igpt.model import Linear
+
+    torch.manual_seed(0)
+    layer, x = Linear(16, 8), torch.randn(4, 16)
+    monkeypatch.setattr(igpt.model, "DTensor", torch.nn.Parameter)  # every weight looks like a DTensor
+    assert not any("onednn_linear" in str(n.target) for n in torch.export.export(layer, (x,)).graph.nodes)
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(x, layer.weight, layer.bias))
+    layer, x = layer.double(), x.double()
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    for layer, x in ((layer.double(), x), (layer.bfloat16(), x.bfloat16())):
+        graph = torch.export.export(layer, (x,)).graph
+        assert not any("onednn_linear" in str(n.target) for n in graph.nodes), x.dtype
+
+
+def test_compiled_training_step_matches_eager_with_onednn_linears():
+    """torch.compile(fullgraph) keeps the oneDNN linear as one op, forward and backward: the loss and every gradient
+    agree with the eager model."""
+    model = randomized(Decoder(tiny()))
+    ids = ids_for(model.cfg)
+    grads = []
+    for loss_fn in (model.loss, torch.compile(model.loss, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(ids)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    for compiled, eager in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_generate_on_cpu_multiplies_through_packed_onednn_weights_unless_compiled(monkeypatch):
