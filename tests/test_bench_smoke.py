@@ -90,6 +90,12 @@ def test_gpu_session_script_runs_every_step(tmp_path):
     assert max(m["step"] for m in metrics if "step" in m) == 4  # 2 steps, then resumed to 4
 
 
+def test_gpu_session_script_can_leave_the_benchmarks_out(tmp_path):
+    proc = run_gpu_session(tmp_path, QUICK="1", SKIP_BENCH="1", SKIP_TESTS="1")
+    assert proc.returncode == 0 and "attention" not in proc.stdout and proc.stdout.count(": exit 0 after") == 2
+    assert {p.name for p in tmp_path.iterdir()} == {"log.txt", "train-run-metrics.jsonl"}
+
+
 def test_gpu_session_script_reports_a_spent_budget(tmp_path):
     """Steps that no longer fit in the budget are skipped and named, and the script exits non-zero."""
     proc = run_gpu_session(tmp_path, BUDGET="5")
