@@ -125,7 +125,8 @@ def env_info(device: torch.device | str | None = None) -> dict:
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
-        "git_sha": _git("rev-parse", "HEAD"),
+        # IGPT_GIT_SHA: for copies of the tree without .git (the device tool's); git_dirty is then unknown (None)
+        "git_sha": _git("rev-parse", "HEAD") or os.environ.get("IGPT_GIT_SHA"),
         "git_dirty": None if status is None else bool(status),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -15,7 +15,8 @@
 # the benchmarks leave, so with a cold Triton cache they may need a second call (SKIP_BENCH=1, within the machine's
 # 30 s warm period, keeps the compiled kernels). SKIP_TESTS=1 leaves the GPU tests out; QUICK=1 passes --quick to
 # every benchmark (tiny sizes: how tests/test_bench_smoke.py runs this script on a CPU).
-# With the device tool:  run(command="bash bench/gpu_session.sh $OUT", timeout_s=600)
+# The device tool may copy the working tree without .git: name the commit so that the JSONs carry it,
+#   run(command="IGPT_GIT_SHA=<git rev-parse HEAD here> bash bench/gpu_session.sh $OUT", timeout_s=600)
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUTDIR}
 mkdir -p "$out"
@@ -58,7 +59,7 @@ step() {  # step LIMIT_SECONDS NAME COMMAND...  (the limit is cut to what is lef
 
 {
     date -u +"%Y-%m-%dT%H:%M:%SZ"
-    git rev-parse HEAD 2>/dev/null || echo "(no git)"
+    git rev-parse HEAD 2>/dev/null || echo "no .git here; IGPT_GIT_SHA=${IGPT_GIT_SHA:-(not set)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     "$python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
                 '| triton', triton.__version__, '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"

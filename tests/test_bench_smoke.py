@@ -150,6 +150,15 @@ def test_train_flops_counts_by_hand(bench_modules):
     assert common.train_flops(model, 3, causal_half=True) == 6 * P * 3 * 16 + attention / 2
 
 
+def test_env_info_names_the_commit_without_git(bench_modules, monkeypatch):
+    """A copy of the tree without .git (the GPU machine's) takes the commit from IGPT_GIT_SHA; dirtiness is unknown."""
+    common, _, _ = bench_modules
+    monkeypatch.setattr(common, "_git", lambda *args: None)
+    monkeypatch.setenv("IGPT_GIT_SHA", "0123abc")
+    env = common.env_info()
+    assert env["git_sha"] == "0123abc" and env["git_dirty"] is None
+
+
 def test_check_logits_rejects_mismatched_models(bench_modules):
     common, _, _ = bench_modules
     cfg = IGPTConfig(n_layer=1, n_embd=32, n_head=2, resolution=4)
