@@ -100,7 +100,7 @@ def onednn_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T through oneDNN's matmul (dense weight, no packing), differentiable: the input gradient goes
     through oneDNN too, the weight gradient through torch.mm (MKL), the faster engine for each on the CPUs measured.
     A custom op, so that torch.compile keeps it as one call instead of lowering it to MKL's sgemm."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [None], "")
+    return _onednn_matmul(x.contiguous(), weight.contiguous())
 
 
 @onednn_linear_op.register_fake
@@ -196,8 +196,14 @@ def onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
         if torch.is_grad_enabled():  # the packed copy is no Parameter: gradients would silently skip the weights
             raise RuntimeError("packed oneDNN linears are for inference: run the model under torch.no_grad()")
         # autocast has no rule for the oneDNN op: cast the input to the weight's dtype, as autocast would
-        return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [None], "")
+        return _onednn_matmul(x.to(packed.dtype), packed, bias)
     return forward
+
+
+def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through oneDNN; `weight` dense [out, in] or packed by `_reorder_linear_weight`. The
+    one place that calls the op (no fused activation)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
 @contextlib.contextmanager
