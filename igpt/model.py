@@ -240,13 +240,24 @@ def sdpa_attention(q, k, v, causal: bool):
     """Eager attention for q [B,H,Nq,D], k/v [B,H,Nk,D] with Nq <= Nk; causal is aligned bottom-right
     (query i sees keys <= Nk - Nq + i), which is what decoding with a KV cache needs."""
     n_q, n_k = q.shape[2], k.shape[2]
-    if not causal or n_q == 1:  # a single new query may see every cached key
+    if n_q == 1 and q.device.type == "cpu":  # a single new query sees every cached key
+        return one_query_attention(q, k, v)
+    if not causal or n_q == 1:
         return F.scaled_dot_product_attention(q, k, v)
     if n_q == n_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # SDPA's is_causal aligns top-left, so chunked prefill needs an explicit bottom-right mask.
     mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def one_query_attention(q, k, v):
+    """softmax(q k^T / sqrt(D)) v for one query per head (q [B,H,1,D]) as two batched matrix-vector products: decoding
+    on CPU. PyTorch's CPU flash-attention kernel reads the cache at about half the speed of a plain pass over it with
+    one query; the two products are ~1.5x faster per layer (2-core AMD EPYC, 900 cached keys, D = 32: 0.31 vs 0.47
+    ms) and `generate` ~10 % faster."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 class Attention(nn.Module):

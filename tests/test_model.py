@@ -244,6 +244,25 @@ def test_generate_top_k_and_errors():
         Decoder(tiny(objective="bert")).generate(1)
 
 
+@pytest.mark.parametrize("n_keys", [1, 97, 900])
+def test_one_query_attention_on_cpu_matches_float64_within_sdpa_error(n_keys):
+    """Decoding's one-query CPU attention (two batched products over the cache's strided slice) against a float64
+    reference: its error is at most 2x that of fp32 SDPA (+1e-6), and sdpa_attention takes it for one query."""
+    from igpt.model import KVCache, one_query_attention, sdpa_attention
+
+    torch.manual_seed(0)
+    cache = KVCache(1, 2, 4, 1024, 32, "cpu", torch.float32)
+    k, v = cache.append(0, torch.randn(2, 4, n_keys, 32) * 3, torch.randn(2, 4, n_keys, 32))  # views, as decoding
+    q = torch.randn(2, 4, 1, 32) * 3
+    assert not k.is_contiguous() or n_keys == 1024
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = one_query_attention(q, k, v)
+    sdpa_err = (F.scaled_dot_product_attention(q, k, v).double() - expected).abs().max().item()
+    assert ours.shape == q.shape
+    assert (ours.double() - expected).abs().max().item() <= 2 * sdpa_err + 1e-6
+    assert torch.equal(sdpa_attention(q, k, v, causal=True), ours)
+
+
 def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(monkeypatch):
     """Under bf16 autocast on CPU the cache stays fp32 and decoding attends in fp32, outside autocast (CPU attention
     with one query is ~3x slower in bf16), and the linear weights are cast once per generate call."""
