@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,14 +127,15 @@ class Linear(nn.Linear):
     """nn.Linear whose fp32 CPU matmuls run through oneDNN (`onednn_linear_op`): fp32 F.linear is MKL's sgemm, which
     on the 2-core AMD EPYC ran the training shapes' forward and input-gradient GEMMs 1.1-2x slower than oneDNN
     (M = 4096 rows; the weight gradient stays on MKL, which was faster there); the peer training step ~10 % faster.
-    Everything else (autocast, bf16, float64, GPU, DTensor weights, builds without oneDNN) calls F.linear. The same
-    products summed in another order: fp32 results can differ from F.linear in the last bits."""
+    Everything else (autocast, bf16, float64, GPU, DTensor weights, builds without oneDNN) calls F.linear, and so do
+    inference graphs being compiled: Inductor packs frozen weights for oneDNN itself (`Decoder.compile_sampler`). The
+    same products summed in another order: fp32 results can differ from F.linear in the last bits."""
 
     def forward(self, x):
         w = self.weight
         if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
                 and not isinstance(w, DTensor) and not torch.is_autocast_enabled("cpu")
-                and ONEDNN_LINEAR):
+                and ONEDNN_LINEAR and (torch.is_grad_enabled() or not torch.compiler.is_compiling())):
             y = onednn_linear_op(x, w)
             return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
@@ -345,6 +347,8 @@ class Decoder(nn.Module):
         self.clf_head = Linear(C, cfg.n_classes) if cfg.n_classes else None
         self.palette = None  # see attach_palette; not part of the state_dict
         self.sampler_compiled = False  # see compile_sampler
+        self._sampler_frozen = False  # compile_sampler(freeze=True) ...
+        self._frozen_weights = None  # ... and the weights its graph was frozen with, once compiled
         self.reset_parameters()
 
     @torch.no_grad()
@@ -552,28 +556,38 @@ class Decoder(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
         cache_dtype = dtype if device.type != "cpu" else self.wte.weight.dtype
         cache = KVCache(self.cfg.n_layer, n, self.cfg.n_head, N, self.cfg.head_dim, device, cache_dtype)
-        # a compiled decode step leaves the GEMMs to Inductor (it cannot lower the packed weights)
-        with inference_linears(self, dtype if autocast else None, pack=not self.sampler_compiled):
-            return self._sample(prompt, cache, temperature, top_k, generator)
+        cast = dtype if autocast else None
+        # the prompt pass is eager; a compiled decode step leaves the GEMMs to Inductor (it cannot lower our packed
+        # weights), and a frozen one has cast and packed its weights inside the graph
+        if self._sampler_frozen:
+            if self._frozen_weights is not None:
+                self._check_frozen_weights()
+            decode_linears = contextlib.nullcontext()
+        else:
+            decode_linears = inference_linears(self, cast, pack=not self.sampler_compiled)
+        return self._sample(prompt, cache, temperature, top_k, generator, inference_linears(self, cast), decode_linears)
 
-    def _sample(self, prompt, cache: KVCache, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    def _sample(self, prompt, cache: KVCache, temperature: float, top_k: int | None, generator,
+                prompt_linears=contextlib.nullcontext(), decode_linears=contextlib.nullcontext()) -> torch.Tensor:
         (n, P), N = prompt.shape, self.cfg.n_ctx
         out = torch.empty(n, N, dtype=torch.long, device=prompt.device)
         out[:, :P] = prompt
         # Step 0 feeds SOS and the prompt (the AR shift of prompt + one placeholder), so its last position predicts
         # token P; every later step feeds the token just drawn at its own position.
-        logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1)), cache,
-                                   last_only=True)
-        for t in range(P, N):
-            logits = logits[:, -1].float() / temperature
-            if top_k is not None:
-                kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)  # [n, 1]
-            out[:, t] = token.squeeze(1)
-            if t + 1 < N:
-                logits = self._decode_token(token, cache)
+        with prompt_linears:
+            logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1)), cache,
+                                       last_only=True)
+        with decode_linears:
+            for t in range(P, N):
+                logits = logits[:, -1].float() / temperature
+                if top_k is not None:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)  # [n, 1]
+                out[:, t] = token.squeeze(1)
+                if t + 1 < N:
+                    logits = self._decode_token(token, cache)
         return out
 
     def _decode_step(self, x: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -588,17 +602,48 @@ class Decoder(nn.Module):
 
     def _decode_token(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, 1, V] after feeding one drawn token per image [B, 1] at the next position of the cache."""
-        return self._decode_step(self.embed(ids, pos_offset=cache.length, shift=False), cache)
+        return _decode_token(self, ids, cache)
 
-    def compile_sampler(self, **options) -> "Decoder":
+    def compile_sampler(self, freeze: bool | None = None, **options) -> "Decoder":
         """Opt-in: `torch.compile` the one-token step that `generate` repeats (the prompt pass stays eager). The cache
-        length is a dynamic size, so one graph serves every position; the first `generate` pays the compile (tens of
-        seconds on CPU). On CPU the linears then run F.linear / Inductor's GEMMs instead of generate's packed oneDNN
-        weights (Inductor lowers those only for weights frozen into the graph). `options` go to torch.compile.
-        Returns self."""
-        self._decode_token = torch.compile(self._decode_token, dynamic=True, **options)
+        length is a dynamic size, so one graph serves every position; the first `generate` pays the compile (about a
+        minute on a 2-core CPU). `options` go to torch.compile. Returns self.
+
+        freeze (default: on CPU) compiles with Inductor's weight freezing: the weights become constants of the graph,
+        so their autocast casts are folded away and the linears multiply through weights packed for oneDNN, with the
+        elementwise work fused around them (256 new tokens for 4 images, 8 layers x 256, fp32, 2-core EPYC: ~2.3 s vs
+        ~2.9 s eager). The graph holds the weights of its first call: `generate` refuses to run it once a parameter
+        has changed (an optimizer step, load_state_dict, .to()); call compile_sampler() again, which compiles anew.
+        Without freezing, the compiled step reads the live weights but multiplies through Inductor's default GEMMs,
+        which on CPU were slower than the eager sampler's packed oneDNN weights."""
+        if freeze is None:
+            freeze = self.wte.weight.device.type == "cpu"
+        # A fresh copy of the step's code: torch.compile keeps its graphs per code object, so a second compile_sampler
+        # never reuses a graph frozen with older weights.
+        step = types.FunctionType(_decode_token.__code__.replace(), globals(), "decode_token")
+        compiled = torch.compile(step, dynamic=True, **options)
+        if freeze:
+            def decode_token(ids, cache):
+                if self._frozen_weights is None:  # the first call compiles: the weights it freezes are today's
+                    self._frozen_weights = self._weights_fingerprint()
+                with torch._inductor.config.patch(freezing=True):  # read when the graph is compiled
+                    return compiled(self, ids, cache)
+        else:
+            def decode_token(ids, cache):
+                return compiled(self, ids, cache)
+        self._decode_token = decode_token
+        self._sampler_frozen, self._frozen_weights = freeze, None
         self.sampler_compiled = True
         return self
+
+    def _weights_fingerprint(self) -> list:
+        # _version counts in-place writes (optimizer steps, load_state_dict's copy_); data_ptr sees .data swaps and .to()
+        return [(name, p.data_ptr(), p._version) for name, p in self.named_parameters()]
+
+    def _check_frozen_weights(self) -> None:
+        if self._weights_fingerprint() != self._frozen_weights:
+            raise RuntimeError("the weights changed since the compiled sampler froze them into its graph (an optimizer "
+                               "step, load_state_dict, .to()): call model.compile_sampler() again to recompile it")
 
     # -- serialisation -------------------------------------------------------------------------------------------------
 
@@ -687,6 +732,11 @@ class FusedDecoder(Decoder):
         centres = self.palette.centres.to(pixels.device)
         return palette_embedding(pixels, self.wte.weight, self.wpe.weight, centres=centres, sos=sos,
                                  bert_mask=bert_mask)
+
+
+def _decode_token(model: Decoder, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """What Decoder.compile_sampler compiles (a copy of it per compile)."""
+    return model._decode_step(model.embed(ids, pos_offset=cache.length, shift=False), cache)
 
 
 def random_bert_mask(shape, p: float = 0.15, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

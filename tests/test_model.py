@@ -412,22 +412,61 @@ def test_generate_on_cpu_multiplies_through_packed_onednn_weights_unless_compile
                         lambda m: packed.append(m) or igpt.model.contextlib.nullcontext())
     model = randomized(Decoder(tiny())).eval()
     model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
-    assert packed == [model]
+    assert packed == [model, model]  # the prompt pass, then the decode steps
     model.sampler_compiled = True  # what compile_sampler sets: Inductor then picks the GEMMs (it cannot lower ours)
     model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
-    assert packed == [model]
+    assert packed == [model, model, model]  # the prompt pass only
 
 
-@pytest.mark.slow
-def test_compiled_sampler_draws_the_eager_tokens():
-    """compile_sampler: one torch.compile'd decode step for every cache length, the same draws as eager (fp32)."""
+def test_compiled_sampler_draws_the_eager_tokens_and_refuses_changed_frozen_weights():
+    """compile_sampler (weights frozen into the graph on CPU): one compiled decode step for every cache length, the
+    same draws as eager; after the weights change, generate refuses the stale graph until compile_sampler() again,
+    which then draws what the eager model with the new weights draws."""
+    import copy
+
     cfg = tiny()
     model = randomized(Decoder(cfg)).eval()
+    eager = copy.deepcopy(model)
     prompt = ids_for(cfg)[:, :3]
-    eager = [model.generate(2, prompt=prompt[:, :p], generator=torch.Generator().manual_seed(p)) for p in (3, 1)]
+
+    def draws(m):
+        return [m.generate(2, prompt=prompt[:, :p], generator=torch.Generator().manual_seed(p)) for p in (3, 1)]
+
     model.compile_sampler()
-    compiled = [model.generate(2, prompt=prompt[:, :p], generator=torch.Generator().manual_seed(p)) for p in (3, 1)]
-    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    before = draws(model)
+    assert all(torch.equal(a, b) for a, b in zip(draws(eager), before))
+    if onednn_available():  # the frozen graph multiplies through weights Inductor packed for oneDNN
+        from igpt.model import KVCache
+
+        cache = KVCache(cfg.n_layer, 2, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.float32)
+        with torch.no_grad():
+            model._decode_step(model.embed(prompt), cache)
+            model._decode_token(prompt[:, :1], cache)
+            with torch.profiler.profile() as prof:
+                model._decode_token(prompt[:, :1], cache)
+        ops = {e.name for e in prof.events()}
+        assert "mkldnn::_linear_pointwise" in ops and not ops & {"aten::mm", "aten::linear", "igpt::onednn_linear"}
+    with torch.no_grad():
+        for m in (model, eager):
+            m.lm_head.weight.mul_(-2)  # in place, as an optimizer step would
+    with pytest.raises(RuntimeError, match="compile_sampler"):
+        model.generate(2, prompt=prompt)
+    model.compile_sampler()
+    after = draws(model)
+    assert all(torch.equal(a, b) for a, b in zip(draws(eager), after))
+    assert not all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_weights_fingerprint_sees_optimizer_steps_loads_and_moves():
+    """What a frozen compiled sampler checks before it runs: any in-place write, load or .to() changes it."""
+    model = randomized(Decoder(tiny()))
+    model.loss(ids_for(model.cfg)).backward()
+    changes = [torch.optim.SGD(model.parameters(), lr=0.1).step, lambda: model.load_state_dict(model.state_dict()),
+               lambda: model.to(torch.float64)]
+    for change in changes:
+        before = model._weights_fingerprint()
+        change()
+        assert model._weights_fingerprint() != before
 
 
 def test_save_and_load_round_trip(tmp_path):
