@@ -33,9 +33,11 @@ def test_train_then_sample(tmp_path):
 
     sample_main(["--checkpoint", str(run), "--out", str(tmp_path / "grid.png"), "--n", "4"])
     assert Image.open(tmp_path / "grid.png").size == (2 * 32 + 2, 2 * 32 + 2)
-    sample_main(["--checkpoint", str(run), "--out", str(tmp_path / "compl.png"), "--n", "2",
-                 "--prompt-dataset", "shapes", "--prompts", "2"])
+    completions = ["--checkpoint", str(run), "--n", "2", "--prompt-dataset", "shapes", "--prompts", "2"]
+    sample_main([*completions, "--out", str(tmp_path / "compl.png")])
     assert Image.open(tmp_path / "compl.png").size == (4 * 32 + 3 * 2, 2 * 32 + 2)
+    sample_main([*completions, "--out", str(tmp_path / "compiled.png"), "--compile"])  # the same draws, compiled
+    assert Image.open(tmp_path / "compiled.png").tobytes() == Image.open(tmp_path / "compl.png").tobytes()
 
 
 def test_train_bert_objective(tmp_path):
