@@ -549,12 +549,14 @@ class Decoder(nn.Module):
             raise ValueError(f"prompt batch {prompt.shape[0]} must be 1 or n={n}")
         prompt = prompt.to(device).expand(n, -1)
         # Under autocast the keys and values leave their linear layer in the autocast dtype. On GPU they are cached in
-        # it (an fp32 cache would be cast back for every step's attention). On CPU the cache stays in the weights'
-        # dtype and decoding attends in it: PyTorch's CPU attention with one query is 3x slower in bf16 than in fp32
-        # (measured on an AVX512-BF16 EPYC: 1.8 vs 0.3 ms per layer over 1000 cached keys), more than the casts cost.
+        # it (an fp32 cache would be cast back for every step's attention), and so they are on CPU when the decode step
+        # is compiled with frozen weights: its own fused loops read a bf16 cache at half the bytes (256 new tokens, 8
+        # layers x 256, 2-core EPYC: ~0.8x the time with an fp32 cache). Eager CPU decoding keeps the cache in the
+        # weights' dtype and attends in it: PyTorch's CPU attention with one query is 3x slower in bf16 than in fp32
+        # (AVX512-BF16 EPYC: 1.8 vs 0.3 ms per layer over 1000 cached keys), more than the casts cost.
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
-        cache_dtype = dtype if device.type != "cpu" else self.wte.weight.dtype
+        cache_dtype = dtype if device.type != "cpu" or self._sampler_frozen else self.wte.weight.dtype
         cache = KVCache(self.cfg.n_layer, n, self.cfg.n_head, N, self.cfg.head_dim, device, cache_dtype)
         cast = dtype if autocast else None
         # the prompt pass is eager; a compiled decode step leaves the GEMMs to Inductor (it cannot lower our packed
@@ -611,8 +613,9 @@ class Decoder(nn.Module):
 
         freeze (default: on CPU) compiles with Inductor's weight freezing: the weights become constants of the graph,
         so their autocast casts are folded away and the linears multiply through weights packed for oneDNN, with the
-        elementwise work fused around them (256 new tokens for 4 images, 8 layers x 256, fp32, 2-core EPYC: ~2.3 s vs
-        ~2.9 s eager). The graph holds the weights of its first call: `generate` refuses to run it once a parameter
+        elementwise work and the one-query attention fused around them; under autocast the KV cache is then kept in
+        the autocast dtype (see generate). 256 new tokens for 4 images, 8 layers x 256, 2-core EPYC, interleaved with
+        eager: ~0.8x the eager time in fp32, ~0.67x in bf16. The graph holds the weights of its first call: `generate` refuses to run it once a parameter
         has changed (an optimizer step, load_state_dict, .to()); call compile_sampler() again, which compiles anew.
         Without freezing, the compiled step reads the live weights but multiplies through Inductor's default GEMMs,
         which on CPU were slower than the eager sampler's packed oneDNN weights."""
