@@ -615,8 +615,9 @@ class Decoder(nn.Module):
         so their autocast casts are folded away and the linears multiply through weights packed for oneDNN, with the
         elementwise work and the one-query attention fused around them; under autocast the KV cache is then kept in
         the autocast dtype (see generate). 256 new tokens for 4 images, 8 layers x 256, 2-core EPYC, interleaved with
-        eager: ~0.8x the eager time in fp32, ~0.67x in bf16. The graph holds the weights of its first call: `generate` refuses to run it once a parameter
-        has changed (an optimizer step, load_state_dict, .to()); call compile_sampler() again, which compiles anew.
+        eager: ~0.8x the eager time in fp32, ~0.67x in bf16. The graph holds the weights of its first call: `generate`
+        refuses to run it once a parameter has changed (an optimizer step, load_state_dict, .to()); call
+        compile_sampler() again, which compiles anew.
         Without freezing, the compiled step reads the live weights but multiplies through Inductor's default GEMMs,
         which on CPU were slower than the eager sampler's packed oneDNN weights."""
         if freeze is None:
@@ -640,7 +641,7 @@ class Decoder(nn.Module):
         return self
 
     def _weights_fingerprint(self) -> list:
-        # _version counts in-place writes (optimizer steps, load_state_dict's copy_); data_ptr sees .data swaps and .to()
+        # _version counts in-place writes (optimizer steps, load_state_dict's copy_), data_ptr .to() and .data swaps
         return [(name, p.data_ptr(), p._version) for name, p in self.named_parameters()]
 
     def _check_frozen_weights(self) -> None:
