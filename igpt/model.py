@@ -242,9 +242,9 @@ def sdpa_attention(q, k, v, causal: bool):
     """Eager attention for q [B,H,Nq,D], k/v [B,H,Nk,D] with Nq <= Nk; causal is aligned bottom-right
     (query i sees keys <= Nk - Nq + i), which is what decoding with a KV cache needs."""
     n_q, n_k = q.shape[2], k.shape[2]
-    if n_q == 1 and q.device.type == "cpu":  # a single new query sees every cached key
-        return one_query_attention(q, k, v)
-    if not causal or n_q == 1:
+    if n_q == 1:  # a single new query sees every cached key
+        return one_query_attention(q, k, v) if q.device.type == "cpu" else F.scaled_dot_product_attention(q, k, v)
+    if not causal:
         return F.scaled_dot_product_attention(q, k, v)
     if n_q == n_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -263,9 +263,8 @@ def test_one_query_attention_on_cpu_matches_float64_within_sdpa_error(n_keys):
     assert torch.equal(sdpa_attention(q, k, v, causal=True), ours)
 
 
-def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(monkeypatch):
-    """Under bf16 autocast on CPU the cache stays fp32 and decoding attends in fp32, outside autocast (CPU attention
-    with one query is ~3x slower in bf16), and the linear weights are cast once per generate call."""
+def spy_on_cache_dtypes(monkeypatch):
+    """Makes igpt.model.KVCache a subclass that records the dtype of every cache created: (the class, the dtypes)."""
     import igpt.model
 
     dtypes = []
@@ -275,6 +274,16 @@ def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(m
             super().__init__(*args)
             dtypes.append(self.k[0].dtype)
 
+    monkeypatch.setattr(igpt.model, "KVCache", Spy)
+    return Spy, dtypes
+
+
+def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(monkeypatch):
+    """Under bf16 autocast on CPU the cache stays fp32 and decoding attends in fp32, outside autocast (CPU attention
+    with one query is ~3x slower in bf16), and the linear weights are cast once per generate call."""
+    import igpt.model
+
+    Spy, dtypes = spy_on_cache_dtypes(monkeypatch)
     seen = set()  # (q dtype, k dtype, autocast on) of every attention call under autocast
     sdpa = igpt.model.sdpa_attention
 
@@ -283,7 +292,6 @@ def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(m
             seen.add((q.dtype, k.dtype, torch.is_autocast_enabled("cpu")))
         return sdpa(q, k, v, causal)
 
-    monkeypatch.setattr(igpt.model, "KVCache", Spy)
     monkeypatch.setattr(igpt.model, "sdpa_attention", attention_spy)
     cfg = tiny()
     model = randomized(Decoder(cfg)).eval()
@@ -413,7 +421,7 @@ def test_generate_on_cpu_multiplies_through_packed_onednn_weights_unless_compile
     model = randomized(Decoder(tiny())).eval()
     model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
     assert packed == [model, model]  # the prompt pass, then the decode steps
-    model.sampler_compiled = True  # what compile_sampler sets: Inductor then picks the GEMMs (it cannot lower ours)
+    model.sampler_compiled = True  # what compile_sampler(freeze=False) sets: Inductor then picks the GEMMs
     model.generate(1, prompt=ids_for(model.cfg)[:1, :3])
     assert packed == [model, model, model]  # the prompt pass only
 
@@ -462,16 +470,7 @@ def test_frozen_sampler_under_bf16_autocast_caches_bf16_and_draws_like_eager(mon
     bytes; eager CPU decoding keeps an fp32 cache) and draws nearly what eager bf16 sampling draws."""
     import copy
 
-    import igpt.model
-
-    cache_dtypes = []
-
-    class Spy(igpt.model.KVCache):
-        def __init__(self, *args):
-            super().__init__(*args)
-            cache_dtypes.append(self.k[0].dtype)
-
-    monkeypatch.setattr(igpt.model, "KVCache", Spy)
+    _, cache_dtypes = spy_on_cache_dtypes(monkeypatch)
     cfg = tiny()
     eager = randomized(Decoder(cfg)).eval()
     model = copy.deepcopy(eager).compile_sampler()
