@@ -10,7 +10,7 @@
 # Each step runs under its own time limit, so one stuck step cannot spend the whole lease; a failed step is logged
 # and the others still run. The exit status is the first failed step's (0 when all passed).
 # Needs only what the GPU image has ($PYTHON, default python3, with torch, triton, pytest, transformers and
-# matplotlib): nothing is installed; igpt and igpt_kernels go on PYTHONPATH (kernels/ is imported as igpt_kernels).
+# matplotlib): nothing is installed; igpt and igpt_kernels go on PYTHONPATH.
 # All steps share a budget of BUDGET seconds (570), under the device tool's 600 s per command; the GPU tests get what
 # the benchmarks leave, so with a cold Triton cache they may need a second call (SKIP_BENCH=1, within the machine's
 # 30 s warm period, keeps the compiled kernels). SKIP_TESTS=1 leaves the GPU tests out; QUICK=1 passes --quick to
@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 
 site=$(mktemp -d)
 ln -s "$PWD/igpt" "$site/igpt"
-ln -s "$PWD/kernels" "$site/igpt_kernels"
+ln -s "$PWD/igpt_kernels" "$site/igpt_kernels"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 python=${PYTHON:-python3}

@@ -1,6 +1,8 @@
 """Promises about the repository itself."""
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_kernels_never_import_igpt():
-    for path in (REPO / "kernels").rglob("*.py"):
+    for path in (REPO / "igpt_kernels").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -24,3 +26,10 @@ def test_kernels_never_import_igpt():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             assert not any(n == "igpt" or n.startswith("igpt.") for n in names), f"{path} imports {names}"
+
+
+def test_the_repository_root_shadows_no_dependency():
+    # `python -m` puts the repository root on sys.path: a top-level folder named like a dependency's package (PyPI's
+    # `kernels`, which transformers >= 5 imports) would be imported in its place.
+    code = "from transformers import ImageGPTForCausalImageModeling; import igpt_kernels, igpt.convert"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -77,7 +77,7 @@ def pixel_to_unit_table(device=None):
     """fp32 [256]: fl(fl(x / 127.5) - 1) for every uint8 x, with IEEE fp32 division computed on the CPU.
 
     A table, not arithmetic on the device: CUDA rewrites division by a constant as a reciprocal multiply, which
-    rounds differently for some x. (igpt.palette.PIXEL_TO_UNIT holds the same values; kernels/ cannot import igpt.)
+    rounds differently for some x. (igpt.palette.PIXEL_TO_UNIT holds the same values; igpt_kernels cannot import igpt.)
     """
     table = torch.arange(256, dtype=torch.float32) / torch.tensor(127.5, dtype=torch.float32) - 1.0
     return table if device is None else table.to(device)

@@ -1,4 +1,4 @@
-"""igpt_kernels: fused Triton kernels with plain-torch references (the folder kernels/ of the iGPT repo).
+"""igpt_kernels: fused Triton kernels with plain-torch references (the folder igpt_kernels/ of the iGPT repo).
 
 Each op lives in its own module (Triton kernels + autograd.Function + functional entry point) and has its
 reference in reference.py. Importing this package does not import triton: the kernel modules load it on first use.
