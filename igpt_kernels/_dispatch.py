@@ -3,6 +3,10 @@
 CUDA tensors run the Triton kernels; CPU tensors run the torch reference, except under TRITON_INTERPRET=1, where the
 Triton kernels run on CPU tensors through the interpreter. Each op's Triton module is imported on first use, so
 `import igpt_kernels` works where triton is absent.
+
+Whether triton is installed and whether the interpreter is on are decided once, at import: the decision runs inside the
+op wrappers that torch.compile traces, and dynamo refuses to trace calls such as importlib.util.find_spec on some torch
+versions, which would break every compiled graph at every op.
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import os
 import warnings
 
 import torch
+
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class TritonDispatch:
@@ -29,11 +36,9 @@ class TritonDispatch:
 
     def use_triton(self, device: torch.device) -> bool:
         if device.type == "cuda":
-            if importlib.util.find_spec("triton") is not None:
-                return True
-            if not self._warned:
+            if not TRITON_AVAILABLE and not self._warned:
                 warnings.warn(f"triton is not installed: {self.op} on CUDA tensors falls back to the (slow) torch "
                               "reference. Install triton for the fused kernels.", RuntimeWarning, stacklevel=3)
                 self._warned = True
-            return False
-        return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+            return TRITON_AVAILABLE
+        return device.type == "cpu" and INTERPRET

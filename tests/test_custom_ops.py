@@ -2,6 +2,7 @@
 interpreter): registration, the fake implementations' shapes/dtypes/devices, and that dynamo traces a FusedDecoder
 whose ops take the Triton path into one graph of custom ops. tests/interpret/test_custom_ops.py runs them."""
 import importlib
+import os
 import subprocess
 import sys
 
@@ -135,3 +136,51 @@ def test_fake_training_step_uses_the_backward_ops(triton_path, monkeypatch):
     calls = [str(n.target) for n in graph.graph.nodes if str(n.target).startswith("igpt.")]
     for op, count in (("attention_bwd", cfg.n_layer), ("norm_bwd", 2 * cfg.n_layer + 1), ("palette_embedding_bwd", 1)):
         assert calls.count(f"igpt.{op}.default") == count, calls
+
+
+def test_the_dispatch_decision_looks_nothing_up_when_called(monkeypatch):
+    # use_triton runs inside the traced op wrappers: find_spec / os.environ there can break every compiled graph
+    def refuse(*args, **kwargs):
+        raise AssertionError("looked up at call time")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    monkeypatch.setattr(os.environ, "get", refuse)
+    for module in KERNEL_MODULES:
+        assert module._use_triton(torch.device("cuda")) is True
+        assert module._use_triton(torch.device("cpu")) is False
+
+
+class OneOp(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _fake_cuda(*shapes_and_dtypes):
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return tuple(torch.empty(s, dtype=d, device="cuda") for s, d in shapes_and_dtypes)
+
+
+@pytest.mark.parametrize("op", ["attention", "norm", "norm_residual", "palette_embedding"])
+def test_each_op_traces_its_cuda_branch_into_one_graph(op):
+    # strict export is dynamo with fullgraph=True on fake CUDA tensors: the real dispatch decision, no GPU, no patching
+    from igpt_kernels import attention, norm, palette_embedding
+
+    h, fp16 = (2, 5, 32), torch.float16
+    cases = {
+        "attention": (lambda q, k, v: attention(q, k, v, causal=True),
+                      _fake_cuda(((2, 2, 5, 16), fp16), ((2, 2, 7, 16), fp16), ((2, 2, 7, 16), fp16)), "attention_fwd"),
+        "norm": (lambda x, w: norm(x, w, 1e-5), _fake_cuda((h, fp16), ((32,), fp16)), "norm_fwd"),
+        "norm_residual": (lambda x, w, r: norm(x, w, 1e-5, residual=r)[0],
+                          _fake_cuda((h, fp16), ((32,), fp16), (h, fp16)), "norm_fwd"),
+        "palette_embedding": (lambda x, wte, wpe, sos: palette_embedding(x, wte, wpe, sos=sos)[0],
+                              _fake_cuda(((2, 5), torch.int64), ((11, 32), fp16), ((9, 32), fp16), ((32,), fp16)),
+                              "palette_embedding_fwd"),
+    }
+    fn, args, expected = cases[op]
+    program = torch.export.export(OneOp(fn), args, strict=True)
+    calls = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("igpt.")]
+    assert calls == [f"igpt.{expected}.default"], calls
