@@ -63,6 +63,11 @@ class EagerOps:
         return rms_norm(x, weight, eps)
 
     @staticmethod
+    def add_norm(x, residual, weight, eps):
+        h = residual + x
+        return rms_norm(h, weight, eps), h
+
+    @staticmethod
     def attention(q, k, v, causal):
         return sdpa_attention(q, k, v, causal)
 
@@ -76,6 +81,13 @@ class FusedOps:
         from igpt_kernels import norm
 
         return norm(x, weight, eps)
+
+    @staticmethod
+    def add_norm(x, residual, weight, eps):
+        from igpt_kernels import norm
+
+        # under autocast x (a linear's output) may be bf16 and the residual stream fp32: `residual + x` promotes
+        return norm(x.to(residual.dtype), weight, eps, residual=residual)
 
     @staticmethod
     def attention(q, k, v, causal):
@@ -92,8 +104,11 @@ class Norm(nn.Module):
         self.ops = ops
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return self.ops.norm(x, self.weight, self.eps)
+    def forward(self, x, residual=None):
+        """norm(x); with a residual, (norm(residual + x), residual + x): the kernels add and norm in one pass."""
+        if residual is None:
+            return self.ops.norm(x, self.weight, self.eps)
+        return self.ops.add_norm(x, residual, self.weight, self.eps)
 
 
 @torch.library.custom_op("igpt::onednn_linear", mutates_args=())
@@ -310,8 +325,8 @@ class Block(nn.Module):
 
     def forward(self, h, cache: KVCache | None = None, layer: int = 0, last_only: bool = False):
         a = self.attn(self.ln_1(h), cache, layer, last_only)
-        h = (h[:, -1:] if last_only else h) + a
-        return h + self.mlp(self.ln_2(h))
+        x, h = self.ln_2(a, residual=h[:, -1:] if last_only else h)
+        return h + self.mlp(x)
 
 
 @dataclass

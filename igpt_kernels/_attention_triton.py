@@ -8,8 +8,9 @@ Units: scores are kept in base 2. `qk_scale = sm_scale * log2(e)` is folded into
 as `P = exp2(QK^T * qk_scale - lse2)`. A query row with no key to attend gets `lse2 = +inf`, so the backward
 recomputes P = 0 there, and the forward writes 0 for it.
 
-Layouts: Q, K, V and dO are read through their strides (views such as a split qkv projection need no copy); O, LSE,
-delta, dQ, dK and dV are buffers this package allocates, contiguous [B, H, N, D] (or [B, H, N]), so their offsets are
+Layouts: Q, K, V, O and dO are read and written through their strides (views such as a split qkv projection need no
+copy; O is allocated as [B, N, H, D] memory so the output projection reads it without a transpose copy); LSE, delta,
+dQ, dK and dV are buffers this package allocates, contiguous [B, H, N, D] (or [B, H, N]), so their offsets are
 computed from the shape. Batch/head offsets are int64 so tensors over 2^31 elements index correctly.
 
 Grids are (tiles along the sequence, H, B): CUDA caps grid dims 1 and 2 at 65535, which B*H in one dim could exceed.
@@ -230,6 +231,7 @@ def attn_fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
     N_HEADS, N_Q, N_K, qk_scale,
     TUNE_N_Q, TUNE_N_K,  # power-of-two buckets of N_Q/N_K: autotune cache key only (decode grows N_K every step)
@@ -273,8 +275,8 @@ def attn_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
 
-    o_offs = pid_bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    _store_tile(O + o_offs, acc.to(O.dtype.element_ty), m_ok, d_ok, PAD_D)
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    _store_tile(o_ptrs, acc.to(O.dtype.element_ty), m_ok, d_ok, PAD_D)
     tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
 
 
@@ -284,6 +286,7 @@ def attn_fwd_kernel(
 @triton.jit
 def attn_bwd_preprocess_kernel(
     O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     N_HEADS, N_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -297,7 +300,7 @@ def attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
-    o = _load_tile(O + pid_bh * N_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                    m_ok, d_ok, True, BLOCK_D != HEAD_DIM)
     do = _load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                     m_ok, d_ok, True, BLOCK_D != HEAD_DIM)

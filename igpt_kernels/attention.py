@@ -127,6 +127,12 @@ def _tune_bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _new_output(q):
+    """[B, H, Nq, D], laid out as [B, Nq, H, D]: the model's output projection reads [B, Nq, H * D] as a view."""
+    b, h, n_q, d = q.shape
+    return q.new_empty((b, n_q, h, d)).transpose(1, 2)
+
+
 def _key_mask_args(key_mask, like):
     if key_mask is None:  # never read (HAS_MASK=False); a real 1-byte buffer keeps the pointer type fixed
         return torch.empty(1, dtype=torch.uint8, device=like.device), 0, 0
@@ -138,7 +144,7 @@ def _forward(q, k, v, key_mask, causal, sm_scale):
     tk = _kernels()
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
-    o = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
+    o = _new_output(q)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
 
@@ -147,7 +153,7 @@ def _forward(q, k, v, key_mask, causal, sm_scale):
 
     tk.attn_fwd[grid](
         q, k, v, mask, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_mb, stride_mn,
         h, n_q, n_k, sm_scale * _LOG2E, _tune_bucket(n_q), _tune_bucket(n_k),
         HEAD_DIM=d, BLOCK_D=tk.block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None,
     )
@@ -164,7 +170,7 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
 
     delta = torch.empty_like(lse)
     tk.attn_bwd_preprocess_kernel[(_cdiv(n_q, _PREPROCESS_BLOCK_M), h, b)](
-        o, do, delta, *do.stride(), h, n_q, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
+        o, do, delta, *o.stride(), *do.stride(), h, n_q, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     launch_counts["attn_bwd_preprocess"] += 1
 
@@ -211,15 +217,15 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
 
 def _attention_fwd_fake(q, k, v, key_mask, causal, sm_scale, deterministic):
     b, h, n_q, d = q.shape
-    return q.new_empty((b, h, n_q, d)), q.new_empty((b, h, n_q), dtype=torch.float32)
+    return _new_output(q), q.new_empty((b, h, n_q), dtype=torch.float32)
 
 
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, key_mask: torch.Tensor | None, causal: bool, sm_scale: float,
                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dq, dk, dv), contiguous, in q's dtype."""
-    # The kernels index o and lse as contiguous (they are attention_fwd's outputs); do may have any strides.
-    return _backward(do, q, k, v, o.contiguous(), lse.contiguous(), key_mask, causal, sm_scale, deterministic)
+    # The kernels index lse as contiguous (attention_fwd's output); o and do are read through their strides.
+    return _backward(do, q, k, v, o, lse.contiguous(), key_mask, causal, sm_scale, deterministic)
 
 
 def _attention_bwd_fake(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
@@ -291,8 +297,10 @@ def _main_arguments(spec, cfg, pointers):
 
 
 def _fwd_arguments(spec, cfg):
-    return _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "O": "data",
+    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "O": "data",
                                        "LSE": "*fp32"})
+    args.update(_strides("o", "m"))
+    return args
 
 
 def _dkdv_arguments(spec, cfg):
@@ -313,7 +321,7 @@ def _dq_arguments(spec, cfg):
 def _preprocess_arguments(spec, cfg):
     ptr = "*" + _TRITON_DTYPES[spec["dtype"]]
     args = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N_HEADS": "i32", "N_Q": "i32"}
-    args.update(_strides("do", "m"), **_shape_constexprs(spec), **cfg.meta_dict())
+    args.update(_strides("o", "m"), **_strides("do", "m"), **_shape_constexprs(spec), **cfg.meta_dict())
     return args
 
 
