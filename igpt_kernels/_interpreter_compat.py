@@ -203,7 +203,8 @@ def _fix_bf16() -> None:
         return binary_op
 
     _install(builder_cls, "binary_op", make_binary, lambda fn: bits_equal(
-        call(fn, bf16_of(-1.0), bf16_of(0.5), np.add), -0.5) and call(fn, bf16_of(-1.0), bf16_of(0.5), np.less).data.all())
+        call(fn, bf16_of(-1.0), bf16_of(0.5), np.add), -0.5)
+        and call(fn, bf16_of(-1.0), bf16_of(0.5), np.less).data.all())
 
     def make_unary(original):
         def unary_op(self, arg, op, *args, **kwargs):
