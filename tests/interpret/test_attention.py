@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from igpt_kernels import attention, attention_reference
 from igpt_kernels.attention import launch_counts
 
-# bf16 is left to the GPU tests: the interpreter's bf16 dot is unreliable (see TRITON_ON_CPU.md).
+# bf16 (the training dtype) has its own, smaller grid below: test_bf16.
 DTYPES = [torch.float32, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3}
 HEAD_DIMS = [16, 32, 64, 96, 128]
@@ -108,6 +108,26 @@ def test_decode_matches_last_rows_of_full_causal():
 def test_other_head_dims(d):
     # Any D up to 128 is padded to a power of two >= 16 inside the kernel (masked loads and stores).
     check_against_reference(1, 1, 33, 33, d, torch.float16, causal=True, key_mask=True, seed=d)
+
+
+# bf16 under the interpreter relies on igpt_kernels._interpreter_compat (bf16 dots with fp32 accumulation, casts
+# rounded to nearest even): a subset of the grid (every head-dim class, ragged lengths) plus decode, both backward
+# variants in each case.
+ATOL[torch.bfloat16] = 1e-3
+
+
+@pytest.mark.parametrize("n,d", [(17, 32), (64, 64), (97, 96), (33, 128), (20, 40)], ids=lambda x: str(x))
+@pytest.mark.parametrize("key_mask", [False, True], ids=["nomask", "keymask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_bf16(causal, key_mask, n, d):
+    check_against_reference(2 if key_mask else 1, 1, n, n, d, torch.bfloat16, causal=causal, key_mask=key_mask,
+                            seed=n * 1000 + d)
+
+
+@pytest.mark.parametrize("n_q,n_k", [(1, 17), (7, 97)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_bf16_decode(causal, n_q, n_k):
+    check_against_reference(2, 2, n_q, n_k, 32, torch.bfloat16, causal=causal, key_mask=True, seed=n_q * 7 + n_k)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

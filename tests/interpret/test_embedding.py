@@ -83,6 +83,24 @@ def test_grid(mode, from_pixels, c, dtype):
     check_against_reference(2, 21, 40, c, dtype, mode, from_pixels=from_pixels, pos_offset=3, seed=c)
 
 
+# bf16 under the interpreter relies on igpt_kernels._interpreter_compat (casts rounded to nearest even).
+ATOL[torch.bfloat16] = 1e-3
+
+
+@pytest.mark.parametrize("from_pixels", [True, False], ids=["pixels", "ids"])
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16(mode, from_pixels):
+    check_against_reference(2, 21, 40, 200, torch.bfloat16, mode, from_pixels=from_pixels, pos_offset=3, seed=200)
+    # h is one fp32 add of two bf16 values rounded to nearest even, exactly what torch's bf16 add does.
+    wte, wpe, sos, centres, pixels, _, mask = (t.bfloat16() if t is not None and t.is_floating_point() else t
+                                              for t in _setup(2, 21, 40, 96, torch.float32, mode, seed=5))
+    kwargs = {"sos": sos} if mode == "ar" else {"bert_mask": mask} if mode == "bert" else {}
+    x = pixels if from_pixels else quantize_reference(pixels, centres.float())
+    h, _ = palette_embedding(x, wte, wpe, centres=centres.float(), pos_offset=2, **kwargs)
+    h_ref, _ = palette_embedding_reference(x, wte, wpe, centres=centres.float(), pos_offset=2, **kwargs)
+    assert torch.equal(h, h_ref)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("b,n,pos_offset", [(1, 1, 0), (3, 8, 0), (1, 1, 25), (2, 9, 17)], ids=str)
 def test_lengths_and_position_offsets(b, n, pos_offset, mode):
