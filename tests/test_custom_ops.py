@@ -41,6 +41,7 @@ def test_fake_attention(device):
         o, lse = torch.ops.igpt.attention_fwd(q, k, v, mask, True, 0.25, False)
         dq, dk, dv = torch.ops.igpt.attention_bwd(o, q, k, v, o, lse, None, True, 0.25, True)
     assert (o.shape, o.dtype, o.device.type) == ((2, 3, 5, 16), torch.float16, device)
+    assert o.transpose(1, 2).is_contiguous()  # [B, N, H, D] memory: the output projection reads it as a view
     assert (lse.shape, lse.dtype, lse.device.type) == ((2, 3, 5), torch.float32, device)
     assert [(t.shape, t.dtype, t.device.type) for t in (dq, dk, dv)] == [
         ((2, 3, 5, 16), torch.float16, device), ((2, 3, 7, 16), torch.float16, device),
@@ -114,6 +115,9 @@ def test_dynamo_traces_the_triton_path_into_one_graph(triton_path):
         2 * cfg.n_layer + 1) + ["igpt.attention_fwd.default"] * cfg.n_layer), calls
     # per block qkv, proj, fc, proj; lm_head
     assert len(linears) == (4 * cfg.n_layer + 1 if igpt.model.ONEDNN_LINEAR else 0)
+    # each block's ln_2 adds the attention output to the residual stream inside the norm kernel
+    residual_args = [n.args[2] is not None for n in program.graph.nodes if str(n.target) == "igpt.norm_fwd.default"]
+    assert residual_args.count(True) == cfg.n_layer, residual_args
 
 
 def test_fake_training_step_uses_the_backward_ops(triton_path, monkeypatch):
