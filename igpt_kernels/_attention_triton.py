@@ -324,11 +324,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, key_ok, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, s
     p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     # Masked entries are selected to 0, never multiplied: exp2 may overflow to inf where the mask hides a key.
     if MASKED:
-        visible = m_ok[None, :]
+        # key_ok (keys < N_K, and the key mask if any): keys past N_K load as 0, so p = exp2(-lse) = inf for lse < -128.
+        visible = key_ok[:, None] & m_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
         p_t = tl.where(visible, p_t, 0.0)
-    if HAS_MASK:
+    elif HAS_MASK:
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, MASKED, PAD_D)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
