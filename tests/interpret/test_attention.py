@@ -202,6 +202,31 @@ def test_very_negative_scores_on_ragged_tiles(causal, key_mask, n_q, dtype):
     check_against_reference(b, 1, n_q, n_k, d, dtype, causal=causal, key_mask=key_mask, inputs=(q, k, v, do, mask))
 
 
+def _attention_configs(seen):
+    return {name: meta for name, meta in seen["launched"] if name != "attn_bwd_preprocess_kernel"}
+
+
+def test_deterministic_mode_never_autotunes(launch_spy):
+    # deterministic=True launches the plain kernels at fixed_config (the interpreter's one config): no autotuner is
+    # entered, whatever ran before (the default path fills the autotuner's cache first) and whatever the length.
+    from igpt_kernels._attention_triton import INTERPRET_CONFIGS, fixed_config
+
+    expected = {f"attn_{name}_kernel": tuple(zip(("BLOCK_M", "BLOCK_N"), INTERPRET_CONFIGS[kind][:2]))
+                for kind, name in (("fwd", "fwd"), ("dkdv", "bwd_dkdv"), ("dq", "bwd_dq"))}
+    assert fixed_config("dkdv", None, 32, 4)["BLOCK_N"] == INTERPRET_CONFIGS["dkdv"][1]
+    for deterministic, n in ((False, 40), (True, 40), (True, 17), (True, 130), (False, 17)):
+        q, k, v, do, _ = _inputs(1, 1, n, n, 32, torch.float32, key_mask=False, seed=n)
+        launch_spy["autotuned"].clear()
+        launch_spy["launched"].clear()
+        _run(attention, q, k, v, do, torch.float32, causal=True, deterministic=deterministic)
+        if deterministic:
+            assert launch_spy["autotuned"] == [], f"N={n}: an autotuner ran in deterministic mode"
+            assert _attention_configs(launch_spy) == expected
+        else:  # the spy can see the autotuner: the default path goes through it
+            assert launch_spy["autotuned"] == ["attn_fwd_kernel", "attn_bwd_dkdv_kernel"]
+            assert _attention_configs(launch_spy) == {k: v for k, v in expected.items() if "dq" not in k}
+
+
 def test_no_quadratic_tensor_allocated():
     # The Triton path must not materialise scores or probabilities: no torch op may produce a tensor with
     # Nq * Nk elements per head. With D=16 << N=130, any [.., N, N] tensor would stand out.
