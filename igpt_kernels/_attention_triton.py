@@ -153,6 +153,31 @@ def _autotune(kind, key, reset_to_zero=None):
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune, reset_to_zero=reset_to_zero)
 
 
+def device_arch(device):
+    """The config table a launch on `device` uses (80 or 90); None under the interpreter or off CUDA."""
+    if INTERPRET or device.type != "cuda":
+        return None
+    return config_table_arch(torch.cuda.get_device_capability(device))
+
+
+def fixed_config(kind, arch, head_dim, element_size):
+    """Launch parameters of deterministic mode: the first entry of the call's group, CONFIG_TABLES[kind][arch][group]
+    (arch None: INTERPRET_CONFIGS[kind]), as kwargs of a plain `kernel[grid](...)` launch.
+
+    A pure function of (kind, arch, head dim, element size): no timing, call history or sequence length enters, so a
+    restarted process or another rank launches the same tiles and so sums in the same order.
+    """
+    if arch is None:
+        entry = INTERPRET_CONFIGS[kind]
+    else:
+        entry = CONFIG_TABLES[kind][arch][tile_group(head_dim, element_size)][0]
+    block_m, block_n, num_warps, num_stages, maxnreg = unpack_entry(entry)
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:  # triton >= 3.4 takes maxnreg as a launch option; omitted, ptxas picks
+        config["maxnreg"] = maxnreg
+    return config
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Shared helpers
 # ------------------------------------------------------------------------------------------------------------------
@@ -327,11 +352,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, key_ok, Q_bh, DO_bh, LSE_bh, DELTA_bh, DQ_bh, s
     p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     # Masked entries are selected to 0, never multiplied: exp2 may overflow to inf where the mask hides a key.
     if MASKED:
-        visible = m_ok[None, :]
+        # key_ok (keys < N_K, and the key mask if any): keys past N_K load as 0, so p = exp2(-lse) = inf for lse < -128.
+        visible = key_ok[:, None] & m_ok[None, :]
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
         p_t = tl.where(visible, p_t, 0.0)
-    if HAS_MASK:
+    elif HAS_MASK:
         p_t = tl.where(key_ok[:, None], p_t, 0.0)
     do = _load_tile(DO_bh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, MASKED, PAD_D)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
@@ -508,3 +534,15 @@ attn_fwd = _autotune("fwd", _TUNE_KEY)(attn_fwd_kernel)
 # Benchmarking re-runs the kernel, so the atomically accumulated dQ buffer must be zeroed between trials.
 attn_bwd_dkdv = _autotune("dkdv", _TUNE_KEY + ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])(attn_bwd_dkdv_kernel)
 attn_bwd_dq = _autotune("dq", _TUNE_KEY)(attn_bwd_dq_kernel)
+
+_KERNELS = {"fwd": (attn_fwd, attn_fwd_kernel), "dkdv": (attn_bwd_dkdv, attn_bwd_dkdv_kernel),
+            "dq": (attn_bwd_dq, attn_bwd_dq_kernel)}
+
+
+def launcher(kind, deterministic, device, head_dim, element_size):
+    """(kernel, extra launch kwargs) for `kernel[grid](*args, **kwargs, **extra)`: the autotuner by default; with
+    deterministic=True the plain kernel at fixed_config, so no config is ever chosen by timing."""
+    autotuned, plain = _KERNELS[kind]
+    if not deterministic:
+        return autotuned, {}
+    return plain, fixed_config(kind, device_arch(device), head_dim, element_size)

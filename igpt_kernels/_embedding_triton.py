@@ -81,6 +81,20 @@ def meta_of(kind, entry):
     return dict(zip(_META_NAMES[kind], entry[:-1])), entry[-1]
 
 
+def device_arch(device):
+    """The config table a launch on `device` uses (80 or 90); None under the interpreter or off CUDA."""
+    if INTERPRET or device.type != "cuda":
+        return None
+    return config_table_arch(torch.cuda.get_device_capability(device))
+
+
+def fixed_config(kind, arch):
+    """Launch kwargs of deterministic mode: the first entry of CONFIG_TABLES[kind][arch] (arch None:
+    INTERPRET_CONFIGS[kind]); a pure function of its arguments, the same in every process and rank."""
+    meta, num_warps = meta_of(kind, INTERPRET_CONFIGS[kind] if arch is None else CONFIG_TABLES[kind][arch][0])
+    return {**meta, "num_warps": num_warps, "num_stages": 1}
+
+
 def _autotune(kind, key):
     if INTERPRET or not torch.cuda.is_available():
         entries = [INTERPRET_CONFIGS[kind]]
@@ -221,3 +235,12 @@ def embed_bwd_wpe_kernel(
 embed_fwd = _autotune("fwd", ["V", "C", "FROM_PIXELS", "AR", "BERT"])(embed_fwd_kernel)
 embed_bwd_wte = _autotune("bwd_wte", ["C"])(embed_bwd_wte_kernel)
 embed_bwd_wpe = _autotune("bwd_wpe", ["C"])(embed_bwd_wpe_kernel)
+
+
+def bwd_wte_launcher(deterministic, device):
+    """(kernel, extra launch kwargs) of d wte: the autotuner, or with deterministic=True the plain kernel at
+    fixed_config. Only d wte needs this: BLOCK_R splits each id's rows into BLOCK_R partial sums, so its tile sets the
+    summation order; the forward sums nothing and d wpe adds the batch rows in order whatever its tile."""
+    if not deterministic:
+        return embed_bwd_wte, {}
+    return embed_bwd_wte_kernel, fixed_config("bwd_wte", device_arch(device))

@@ -6,8 +6,9 @@ Contract (DESIGN.md): q [B,H,Nq,D], k/v [B,H,Nk,D], Nq <= Nk; causal is aligned 
 j <= i + Nk - Nq, as FlashAttention >= 2.1, so KV-cache decode needs no special case); key_mask [B,Nk] bool,
 True = attend, combinable with causal; a query row with no key to attend gives 0 and zero gradients (no NaN);
 fp16, bf16 and fp32 (fp32 dots at IEEE precision, no TF32). sm_scale defaults to 1/sqrt(D).
-deterministic=True computes dQ in a separate pass over query tiles instead of with atomic adds, so gradients are
-bit-reproducible run to run (at some cost in speed).
+deterministic=True computes dQ in a separate pass over query tiles instead of with atomic adds, and launches every
+kernel (forward included) at one fixed tile config, the first of its table group, instead of the autotuner's timed
+pick: outputs and gradients are bit-reproducible run to run, across restarts and ranks (at some cost in speed).
 
 Dispatch: CUDA tensors run the Triton kernels (in _attention_triton.py, imported on first use); CPU tensors run the
 torch reference (reference.py), except when the process runs under TRITON_INTERPRET=1, where the Triton kernels run
@@ -140,7 +141,7 @@ def _key_mask_args(key_mask, like):
     return mask, mask.stride(0), mask.stride(1)
 
 
-def _forward(q, k, v, key_mask, causal, sm_scale):
+def _forward(q, k, v, key_mask, causal, sm_scale, deterministic=False):
     tk = _kernels()
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
@@ -151,11 +152,12 @@ def _forward(q, k, v, key_mask, causal, sm_scale):
     def grid(meta):
         return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
 
-    tk.attn_fwd[grid](
+    kernel, fixed = tk.launcher("fwd", deterministic, q.device, d, q.element_size())
+    kernel[grid](
         q, k, v, mask, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_mb, stride_mn,
         h, n_q, n_k, sm_scale * _LOG2E, _tune_bucket(n_q), _tune_bucket(n_k),
-        HEAD_DIM=d, BLOCK_D=tk.block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None,
+        HEAD_DIM=d, BLOCK_D=tk.block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None, **fixed,
     )
     launch_counts["attn_fwd"] += 1
     return o, lse
@@ -187,8 +189,9 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     def grid_keys(meta):
         return (_cdiv(n_k, meta["BLOCK_N"]), h, b)
 
-    tk.attn_bwd_dkdv[grid_keys](q, k, v, mask, do, lse, delta, dk, dv, dq_acc, *common,
-                                ATOMIC_DQ=not deterministic, **flags)
+    kernel, fixed = tk.launcher("dkdv", deterministic, q.device, d, q.element_size())
+    kernel[grid_keys](q, k, v, mask, do, lse, delta, dk, dv, dq_acc, *common,
+                      ATOMIC_DQ=not deterministic, **flags, **fixed)
     launch_counts["attn_bwd_dkdv"] += 1
 
     if not deterministic:
@@ -199,7 +202,8 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     def grid_queries(meta):
         return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
 
-    tk.attn_bwd_dq[grid_queries](q, k, v, mask, do, lse, delta, dq, *common, **flags)
+    kernel, fixed = tk.launcher("dq", deterministic, q.device, d, q.element_size())
+    kernel[grid_queries](q, k, v, mask, do, lse, delta, dq, *common, **flags, **fixed)
     launch_counts["attn_bwd_dq"] += 1
     return dq, dk, dv
 
@@ -211,8 +215,8 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool,
                    sm_scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (out [B,H,Nq,D] in q's dtype, log-sum-exp [B,H,Nq] fp32). Inputs must be valid;
-    `deterministic` only selects the backward."""
-    return _forward(q, k, v, key_mask, causal, sm_scale)
+    `deterministic` fixes the tile config (and selects the backward)."""
+    return _forward(q, k, v, key_mask, causal, sm_scale, deterministic)
 
 
 def _attention_fwd_fake(q, k, v, key_mask, causal, sm_scale, deterministic):

@@ -14,6 +14,9 @@ operation rounded on its own (no fma), ties -> lowest j: exactly reference.quant
 Dispatch: CUDA tensors run the Triton kernels (in _embedding_triton.py, imported on first use); CPU tensors run the
 torch reference, except under TRITON_INTERPRET=1. `launch_counts` counts launches ("embed_fwd", "embed_bwd_wte",
 "embed_bwd_wpe"). The fused forward never builds the [B, N, V] distance tensor; the backward has no float atomics.
+Under torch.use_deterministic_algorithms(True) (the trainer's --deterministic; the op has no flag of its own, and the
+same switch drives the model's attention) d wte launches one fixed tile config instead of the autotuner's timed pick,
+so it is also bit-reproducible across restarts and ranks; otherwise it keeps the tuned speed.
 The Triton path is the custom ops torch.ops.igpt.palette_embedding_fwd / _bwd (_custom_ops.py), opaque to
 torch.compile.
 """
@@ -203,8 +206,9 @@ def _backward(dh, ids, bert_mask, ar, wte_shape, wpe_shape, dtype, pos_offset, n
         bounds = torch.searchsorted(sorted_ids, torch.arange(n_vocab + 1, device=dh.device))
         starts, counts = bounds[:-1].contiguous(), (bounds[1:] - bounds[:-1]).contiguous()
         dwte = torch.empty(wte_shape, dtype=dtype, device=dh.device)
-        tk.embed_bwd_wte[lambda meta: (n_vocab, _cdiv(n_embd, meta["BLOCK_C"]))](
-            dh, order, starts, counts, dwte, dwte.stride(0), n_embd,
+        kernel, fixed = tk.bwd_wte_launcher(torch.are_deterministic_algorithms_enabled(), dh.device)
+        kernel[lambda meta: (n_vocab, _cdiv(n_embd, meta["BLOCK_C"]))](
+            dh, order, starts, counts, dwte, dwte.stride(0), n_embd, **fixed,
         )
         launch_counts["embed_bwd_wte"] += 1
     if need_wpe:

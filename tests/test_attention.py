@@ -3,6 +3,7 @@
 Kernel numerics on CPU run through the interpreter in tests/interpret/test_attention.py; compile checks for sm_80 /
 sm_90 in tests/test_attention_compile.py.
 """
+import importlib.util
 import math
 import os
 import subprocess
@@ -158,6 +159,41 @@ def test_reference_gradcheck():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Deterministic mode's fixed tile configs (the launches themselves: tests/interpret/test_attention.py)
+# ---------------------------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+@needs_triton
+def test_fixed_config_is_a_pure_function_of_arch_dtype_and_head_dim():
+    import random
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from igpt_kernels import _attention_triton as tk
+
+    calls = [(kind, arch, d, dtype.itemsize) for kind in tk.CONFIG_TABLES for arch in (80, 90)
+             for dtype in (torch.float16, torch.bfloat16, torch.float32) for d in range(1, MAX_HEAD_DIM + 1)]
+    first = {call: tk.fixed_config(*call) for call in calls}
+    random.Random(0).shuffle(calls)  # another call history gives the same answers
+    assert {call: tk.fixed_config(*call) for call in calls} == first
+    per_group = {}
+    for (kind, arch, d, size), config in first.items():
+        group = tk.tile_group(d, size)
+        entry = tk.unpack_entry(tk.CONFIG_TABLES[kind][arch][group][0])
+        got = (config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"], config.get("maxnreg"))
+        assert got == entry, f"{kind} sm_{arch} {group} D={d}: {config} is not the group's first entry {entry}"
+        # Launch options a plain kernel[grid](...) accepts (triton raises KeyError on unknown ones).
+        assert set(config) - {"BLOCK_M", "BLOCK_N"} <= set(CUDAOptions.__dataclass_fields__), config
+        per_group.setdefault((kind, arch, group), set()).add(tuple(sorted(config.items())))
+    assert {key[2] for key in per_group} == set(tk.TILE_GROUPS)
+    assert all(len(configs) == 1 for configs in per_group.values()), "one config per (arch, group, kernel)"
+    assert any("maxnreg" in c for c in first.values()), "no entry carries maxnreg: that branch goes untested"
+    for kind, entry in tk.INTERPRET_CONFIGS.items():  # arch None: the interpreter's one config
+        assert tk.fixed_config(kind, None, 64, 2) == dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), entry))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
 GPU_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -209,6 +245,24 @@ def test_gpu_deterministic_grads_are_bit_identical(causal, dtype):
     for _ in range(10):
         for a, b in zip(first, grads()):
             assert torch.equal(a, b), "deterministic=True gradients differ between runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_gpu_deterministic_mode_never_autotunes(dtype, monkeypatch):
+    # The plain kernels launch at fixed_config with real launch options (num_warps, num_stages, maxnreg).
+    from triton.runtime.autotuner import Autotuner
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"autotuner of {self.fn.__name__} entered in deterministic mode")
+
+    monkeypatch.setattr(Autotuner, "run", refuse)
+    q, k, v = (t.requires_grad_() for t in qkv(b=2, h=2, n_q=300, n_k=300, d=64, dtype=dtype, device="cuda"))
+    out = attention(q, k, v, causal=True, deterministic=True)
+    out.backward(torch.ones_like(out))
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=5e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 @pytest.mark.gpu

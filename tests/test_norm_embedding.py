@@ -4,6 +4,7 @@ Kernel numerics on CPU run through the interpreter in tests/interpret/test_norm.
 checks for sm_80 / sm_90 in tests/test_norm_embedding_compile.py. The tie/near-tie constructions below are shared with
 the interpreter tests (they load this file by path).
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -341,6 +342,22 @@ def test_works_without_triton_installed():
         "assert torch.isfinite(y).all() and ids.shape == (1, 2)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_embedding_fixed_config_is_the_first_table_entry():
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from igpt_kernels import _embedding_triton as tk
+
+    for arch in (80, 90):
+        block_r, block_c, warps = tk.CONFIG_TABLES["bwd_wte"][arch][0]
+        config = tk.fixed_config("bwd_wte", arch)
+        assert config == {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps, "num_stages": 1}
+        assert set(config) - {"BLOCK_R", "BLOCK_C"} <= set(CUDAOptions.__dataclass_fields__)
+    block_r, block_c, warps = tk.INTERPRET_CONFIGS["bwd_wte"]
+    assert tk.fixed_config("bwd_wte", None) == {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps,
+                                                "num_stages": 1}
 
 
 def test_kernels_do_not_import_igpt():

@@ -44,8 +44,9 @@ def _launched(before, name):
     return launch_counts[name] - before.get(name, 0)
 
 
-def check_against_reference(b, h, n_q, n_k, d, dtype, *, causal, key_mask, seed=0, deterministic_variants=(False, True)):
-    q, k, v, do, mask = _inputs(b, h, n_q, n_k, d, dtype, key_mask=key_mask, seed=seed)
+def check_against_reference(b, h, n_q, n_k, d, dtype, *, causal, key_mask, seed=0, deterministic_variants=(False, True),
+                            inputs=None):
+    q, k, v, do, mask = inputs or _inputs(b, h, n_q, n_k, d, dtype, key_mask=key_mask, seed=seed)
     exact = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, key_mask=mask)
     plain = _run(attention_reference, q, k, v, do, dtype, causal=causal, key_mask=mask)
     names = ("out", "dq", "dk", "dv")
@@ -197,6 +198,53 @@ def test_causal_rows_with_only_masked_keys(n_q, n_k, deterministic):
     exact = _run(attention_reference, q, k, v, do, torch.float64, causal=True, key_mask=mask)
     for got, ref in zip((out, dq, dk, dv), exact):
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# Hugely negative (finite) scores everywhere put every row's log-sum-exp far below -128 (base 2), so a probability
+# recomputed for a row or column outside the valid range, exp2(0 - lse), overflows to inf; it must be selected away,
+# never multiplied by the zero-loaded K/V/Q rows (inf * 0 = NaN). Nk = 40 leaves the interpreter's 32-key dK/dV tile
+# and 16-key forward/dQ tiles ragged; Nq = 40 / 7 leaves the query tiles ragged too.
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("n_q", [40, 7], ids=lambda n: f"Nq{n}")
+@pytest.mark.parametrize("key_mask", [False, True], ids=["nomask", "keymask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_very_negative_scores_on_ragged_tiles(causal, key_mask, n_q, dtype):
+    b, n_k, d = 2, 40, 32
+    q, k, v, do, mask = _inputs(b, 1, n_q, n_k, d, dtype, key_mask=key_mask, seed=n_q)
+    gen = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    # Scores ~ -600 / sqrt(32) ~ -106, lse ~ -148 in base 2. The large common part sits in q, not k: a large common
+    # key component would make dQ (a sum of dS * k over keys, with dS summing to 0) ill-conditioned.
+    q = (600.0 * u + 0.1 * q.float()).to(dtype)
+    k = (k.float() - (k.float() @ u)[..., None] * u - u).to(dtype)
+    lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / d ** 0.5, dim=-1) * 1.4426950408889634
+    assert lse.max() < -128, "the scores are not negative enough to overflow exp2(-lse)"
+    check_against_reference(b, 1, n_q, n_k, d, dtype, causal=causal, key_mask=key_mask, inputs=(q, k, v, do, mask))
+
+
+def _attention_configs(seen):
+    return {name: meta for name, meta in seen["launched"] if name != "attn_bwd_preprocess_kernel"}
+
+
+def test_deterministic_mode_never_autotunes(launch_spy):
+    # deterministic=True launches the plain kernels at fixed_config (the interpreter's one config): no autotuner is
+    # entered, whatever ran before (the default path fills the autotuner's cache first) and whatever the length.
+    from igpt_kernels._attention_triton import INTERPRET_CONFIGS, fixed_config
+
+    expected = {f"attn_{name}_kernel": tuple(zip(("BLOCK_M", "BLOCK_N"), INTERPRET_CONFIGS[kind][:2]))
+                for kind, name in (("fwd", "fwd"), ("dkdv", "bwd_dkdv"), ("dq", "bwd_dq"))}
+    assert fixed_config("dkdv", None, 32, 4)["BLOCK_N"] == INTERPRET_CONFIGS["dkdv"][1]
+    for deterministic, n in ((False, 40), (True, 40), (True, 17), (True, 130), (False, 17)):
+        q, k, v, do, _ = _inputs(1, 1, n, n, 32, torch.float32, key_mask=False, seed=n)
+        launch_spy["autotuned"].clear()
+        launch_spy["launched"].clear()
+        _run(attention, q, k, v, do, torch.float32, causal=True, deterministic=deterministic)
+        if deterministic:
+            assert launch_spy["autotuned"] == [], f"N={n}: an autotuner ran in deterministic mode"
+            assert _attention_configs(launch_spy) == expected
+        else:  # the spy can see the autotuner: the default path goes through it
+            assert launch_spy["autotuned"] == ["attn_fwd_kernel", "attn_bwd_dkdv_kernel"]
+            assert _attention_configs(launch_spy) == {k: v for k, v in expected.items() if "dq" not in k}
 
 
 def test_no_quadratic_tensor_allocated():

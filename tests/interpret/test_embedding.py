@@ -170,3 +170,22 @@ def test_no_per_token_distance_tensor_allocated():
         h.backward(dh)
     assert rec.largest > 0, "the recorder saw no tensors: the check would pass vacuously"
     assert rec.largest < b * n * v, f"a tensor of {rec.largest} elements (>= B*N*V = {b * n * v}) was allocated"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_algorithms_fix_the_wte_gradient_config(deterministic, launch_spy):
+    # Under torch.use_deterministic_algorithms(True) d wte (whose BLOCK_R sets the summation order) launches the
+    # plain kernel at fixed_config, never through the autotuner; the order-free forward and d wpe stay autotuned.
+    from igpt_kernels._embedding_triton import INTERPRET_CONFIGS
+
+    wte, wpe, sos, centres, pixels, dh, _ = _setup(2, 9, 40, 48, torch.float32, "ar", seed=4)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _run(palette_embedding, pixels, wte, wpe, sos, centres, None, dh, torch.float32, "ar", 0)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    tuned = ["embed_fwd_kernel", "embed_bwd_wpe_kernel"] + ([] if deterministic else ["embed_bwd_wte_kernel"])
+    assert sorted(launch_spy["autotuned"]) == sorted(tuned)
+    block_r, block_c, _ = INTERPRET_CONFIGS["bwd_wte"]
+    assert ("embed_bwd_wte_kernel", (("BLOCK_C", block_c), ("BLOCK_R", block_r))) in launch_spy["launched"]
