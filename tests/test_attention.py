@@ -199,11 +199,21 @@ def test_fixed_config_is_a_pure_function_of_arch_dtype_and_head_dim():
 GPU_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def _gpu_numerics_cases():
+    # The first GPU session has minutes: iGPT's head dims (64 for S, 128 for M, 96 for L) in bf16 and fp16 on ragged
+    # shapes run by default; the rest of the grid is marked slow (gpu_session.sh runs it in a second call).
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (16, 32, 64, 96, 128):
+            for n_q, n_k in ((97, 97), (1024, 1024), (1, 300), (7, 1030)):
+                for causal, key_mask in ((False, False), (True, False), (False, True), (True, True)):
+                    first = (dtype != torch.float32 and d in (64, 96, 128) and (n_q, n_k) != (1024, 1024)
+                             and causal != key_mask) or (dtype == torch.float32 and d == 64 and n_q == 97)
+                    yield pytest.param(causal, key_mask, n_q, n_k, d, dtype, marks=() if first else pytest.mark.slow,
+                                       id=f"{str(dtype)[6:]}-d{d}-{n_q}x{n_k}-causal{int(causal)}-mask{int(key_mask)}")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("d", [16, 32, 64, 96, 128])
-@pytest.mark.parametrize("n_q,n_k", [(97, 97), (1024, 1024), (1, 300), (7, 1030)], ids=str)
-@pytest.mark.parametrize("causal,key_mask", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("causal,key_mask,n_q,n_k,d,dtype", list(_gpu_numerics_cases()))
 def test_gpu_against_float64(causal, key_mask, n_q, n_k, d, dtype):
     b, h = 2, 3
     deterministic = d in (32, 96)  # both backward variants, without doubling the grid
@@ -281,3 +291,35 @@ def test_gpu_default_scale():
     q, k, v = qkv(d=64, device="cuda")
     torch.testing.assert_close(attention(q, k, v, causal=False),
                                attention(q, k, v, causal=False, sm_scale=1 / math.sqrt(64)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float32, 64)], ids=str)
+def test_gpu_autotuner_picks_within_the_group_and_resets_dq(dtype, d):
+    # The multi-config paths the interpreter never runs: the prune keeps the call's group only, and the atomic dQ
+    # buffer is zeroed between benchmark trials (else the tuning call's dq would be a multiple of the right one).
+    tk = importlib.import_module("igpt_kernels.attention")._kernels()
+    arch = tk.config_table_arch(torch.cuda.get_device_capability())
+    group = tk.tile_group(d, torch.empty(0, dtype=dtype).element_size())
+    q, k, v = qkv(b=2, h=4, n_q=700, n_k=700, d=d, dtype=dtype, device="cuda")
+    do = torch.randn_like(q)
+
+    def dq_of_one_call():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        attention(*leaves, causal=True).backward(do)
+        return leaves[0].grad.double()
+
+    for kernel in (tk.attn_fwd, tk.attn_bwd_dkdv):
+        assert len(kernel.configs) > 1
+        kernel.cache.clear()
+    tuned = dq_of_one_call()  # this call benchmarks every config of the group
+    cached = dq_of_one_call()
+    for kind, kernel in (("fwd", tk.attn_fwd), ("dkdv", tk.attn_bwd_dkdv)):
+        best = kernel.best_config
+        picked = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+        assert picked in [tuple(e[:4]) for e in tk.CONFIG_TABLES[kind][arch][group]], (kind, picked)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    attention_reference(*leaves, causal=True).backward(do.double())
+    scale = leaves[0].grad.abs().max().item()
+    assert (tuned - leaves[0].grad).abs().max().item() <= 2e-2 * scale
+    assert (tuned - cached).abs().max().item() <= 2e-2 * scale

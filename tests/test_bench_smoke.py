@@ -67,8 +67,8 @@ def test_peer_quick_compiled(tmp_path):
         assert r["train"]["tokens_per_s"]["ours"] > 0 and r["sample"]["tokens_per_s"]["ours"] > 0
 
 
-GPU_SESSION_FILES = {"log.txt", "attention.json", "attention.png", "attention-d96.json", "norm.json", "embedding.json",
-                     "train-s-32.json", "train-run-metrics.jsonl"}
+GPU_SESSION_FILES = {"summary.txt", "log.txt", "attention.json", "attention.png", "attention-d96.json", "norm.json",
+                     "embedding.json", "train-s-32.json"}
 
 
 def run_gpu_session(out, **env):
@@ -77,29 +77,37 @@ def run_gpu_session(out, **env):
 
 
 def test_gpu_session_script_runs_every_step(tmp_path):
-    """bench/gpu_session.sh, the one prepared run for a lent GPU, works here with --quick sizes: every benchmark
-    and the training run (stopped, then resumed) exit 0 and write their files into OUTDIR, no more files than the
-    device tool returns (8)."""
-    proc = run_gpu_session(tmp_path, QUICK="1", SKIP_TESTS="1")
+    """bench/gpu_session.sh, the one prepared run for a lent GPU, works here with --quick sizes: the GPU tests first
+    (they skip themselves on a CPU), then every benchmark and the training run (stopped, then resumed) exit 0 and
+    write their files into OUTDIR, no more files than the device tool returns (8), and summary.txt says so."""
+    proc = run_gpu_session(tmp_path, QUICK="1")
     assert proc.returncode == 0, proc.stdout[-2000:] + (tmp_path / "log.txt").read_text()[-3000:]
     assert {p.name for p in tmp_path.iterdir()} == GPU_SESSION_FILES
-    assert proc.stdout.count(": exit 0 after") == 7 and "done after" in proc.stdout
-    for name in GPU_SESSION_FILES - {"log.txt", "attention.png", "train-run-metrics.jsonl"}:
+    assert proc.stdout.count(": exit 0 after") == 8 and "done after" in proc.stdout
+    for name in GPU_SESSION_FILES - {"summary.txt", "log.txt", "attention.png"}:
         assert json.loads((tmp_path / name).read_text())["env"]["git_sha"]
-    metrics = [json.loads(line) for line in (tmp_path / "train-run-metrics.jsonl").read_text().splitlines()]
-    assert max(m["step"] for m in metrics if "step" in m) == 4  # 2 steps, then resumed to 4
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("PASS  GPU tests"), summary  # correctness before speed
+    assert "GPU tests failed: 0" in summary and int(summary[2].split(": ")[1]) == 0  # none passed on a CPU ...
+    assert int(summary[3].split(": ")[1]) > 20  # ... every GPU test was collected and skipped itself
+    verdicts = [line.split()[0] for line in summary if line.split()[0] in ("PASS", "FAIL", "TIMEOUT", "SKIPPED")]
+    assert verdicts == ["PASS"] * 8, summary  # GPU tests, five benchmarks, the training run and its resume
+    assert "igpt/train.py: last logged step 4 (runs to 2, resumes to 4)" in summary
+    assert summary[-1].startswith("exit 0 after")
+    assert '"step": 4' in (tmp_path / "log.txt").read_text()  # the training run's metrics are in the log
 
 
 def test_gpu_session_script_can_leave_the_benchmarks_out(tmp_path):
     proc = run_gpu_session(tmp_path, QUICK="1", SKIP_BENCH="1", SKIP_TESTS="1")
     assert proc.returncode == 0 and "attention" not in proc.stdout and proc.stdout.count(": exit 0 after") == 2
-    assert {p.name for p in tmp_path.iterdir()} == {"log.txt", "train-run-metrics.jsonl"}
+    assert {p.name for p in tmp_path.iterdir()} == {"log.txt", "summary.txt"}
 
 
 def test_gpu_session_script_reports_a_spent_budget(tmp_path):
     """Steps that no longer fit in the budget are skipped and named, and the script exits non-zero."""
     proc = run_gpu_session(tmp_path, BUDGET="5")
     assert proc.returncode == 124 and proc.stdout.count("SKIPPED") == 8
+    assert (tmp_path / "summary.txt").read_text().count("SKIPPED") == 8
 
 
 def test_sample_quick(tmp_path):
