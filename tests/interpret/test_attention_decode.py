@@ -164,3 +164,11 @@ def test_same_result_with_and_without_split_kv(dtype):
         split = attention(q, k, v, causal=True, key_mask=mask)
         main = attention(q, k, v, causal=True, key_mask=mask, split_kv=False)
     torch.testing.assert_close(split, main, atol=ATOL[dtype] * 2, rtol=1e-3 if dtype == torch.float16 else 1e-5)
+
+
+@pytest.mark.parametrize("causal, masked", [(True, False), (False, True)])
+def test_attention_decode_op(causal, masked):
+    # schema, fake implementation (the [B, Nq, H, D] output strides included) and AOT dispatch of the custom op
+    q, k, v, _, mask = _inputs(1, 2, 3, 7, 16, torch.float32, key_mask=masked, seed=8)
+    torch.library.opcheck(torch.ops.igpt.attention_decode.default, (q, k, v, mask, causal, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -16,7 +16,6 @@ from fused_parity import randomized_pair  # noqa: E402
 
 import igpt_kernels  # noqa: E402
 from igpt import IGPTConfig  # noqa: E402
-from igpt.config import PRESETS  # noqa: E402
 from igpt.model import KVCache  # noqa: E402
 from igpt_kernels.attention import launch_counts  # noqa: E402
 
@@ -30,7 +29,7 @@ SYNC = "aten._local_scalar_dense.default"  # what .item(), int(t), bool(t) dispa
 
 def tiny_model():
     # the "tiny" preset's widths (4 layers, 4 heads of D = 32) on 4x4 images: 16 positions keep the interpreter quick
-    return randomized_pair(IGPTConfig(**PRESETS["tiny"], resolution=4))[1]
+    return randomized_pair(IGPTConfig.preset("tiny", resolution=4))[1]
 
 
 def sample(model):
