@@ -419,9 +419,11 @@ class Decoder(nn.Module):
             raise ValueError(f"bert_mask shape {tuple(bert_mask.shape)} must equal ids shape {tuple(ids.shape)}")
 
     def embed(self, ids: torch.Tensor, bert_mask: torch.Tensor | None = None, pos_offset: int = 0,
-              shift: bool = True) -> torch.Tensor:
+              shift: bool = True, check_ids: bool = True) -> torch.Tensor:
         """Token + position embedding. AR (shift=True): input at t is ids[t-1], the learned SOS at t = 0.
-        BERT: masked positions keep only their position embedding. Decode steps: shift=False, no mask."""
+        BERT: masked positions keep only their position embedding. Decode steps: shift=False, no mask.
+        check_ids=False: the ids were validated already (the fused embedding then skips its range check, a host
+        sync); the eager lookup has no such check."""
         N = ids.shape[1]
         pos = self.wpe.weight[pos_offset:pos_offset + N]
         if self.cfg.objective == "ar" and shift:
@@ -592,8 +594,9 @@ class Decoder(nn.Module):
         # Step 0 feeds SOS and the prompt (the AR shift of prompt + one placeholder), so its last position predicts
         # token P; every later step feeds the token just drawn at its own position.
         with prompt_linears:
-            logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1)), cache,
-                                       last_only=True)
+            # generate checked the prompt's ids (_check_ids): no second range check (a host sync) here
+            logits = self._decode_step(self.embed(torch.cat([prompt, prompt.new_zeros(n, 1)], dim=1),
+                                                  check_ids=False), cache, last_only=True)
         with decode_linears:
             for t in range(P, N):
                 logits = logits[:, -1].float() / temperature
@@ -732,12 +735,12 @@ class FusedDecoder(Decoder):
 
     ops = FusedOps
 
-    def embed(self, ids, bert_mask=None, pos_offset: int = 0, shift: bool = True):
+    def embed(self, ids, bert_mask=None, pos_offset: int = 0, shift: bool = True, check_ids: bool = True):
         from igpt_kernels import palette_embedding
 
         sos = self.sos if self.cfg.objective == "ar" and shift else None
         return palette_embedding(ids, self.wte.weight, self.wpe.weight, sos=sos, bert_mask=bert_mask,
-                                 pos_offset=pos_offset)[0]
+                                 pos_offset=pos_offset, check_range=check_ids)[0]
 
     def _embed_input(self, ids, pixels, bert_mask=None):
         if pixels is None or (ids is not None):
@@ -755,7 +758,8 @@ class FusedDecoder(Decoder):
 
 def _decode_token(model: Decoder, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """What Decoder.compile_sampler compiles (a copy of it per compile)."""
-    return model._decode_step(model.embed(ids, pos_offset=cache.length, shift=False), cache)
+    # drawn tokens are in range by construction: no range check, so the step has no host sync
+    return model._decode_step(model.embed(ids, pos_offset=cache.length, shift=False, check_ids=False), cache)
 
 
 def random_bert_mask(shape, p: float = 0.15, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

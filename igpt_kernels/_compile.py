@@ -85,7 +85,7 @@ class KernelEntry:
     uses_tensor_cores: Callable[[Mapping], bool] = lambda spec: False
 
 
-KERNEL_MODULES = ["igpt_kernels.attention", "igpt_kernels.norm", "igpt_kernels.embedding"]
+KERNEL_MODULES = ["igpt_kernels.attention", "igpt_kernels._decode_triton", "igpt_kernels.norm", "igpt_kernels.embedding"]
 
 
 def entries() -> dict[str, KernelEntry]:

@@ -17,6 +17,13 @@ on CPU tensors through the interpreter. `launch_counts` counts kernel launches b
 The Triton path is the custom ops torch.ops.igpt.attention_fwd / attention_bwd (_custom_ops.py): torch.compile records
 them as opaque calls, so a model on them compiles with fullgraph=True.
 
+Decode (split_kv): with Nq <= 16 and no gradient needed (grad mode off, or no input requires grad) the Triton path
+is a split-KV forward (flash-decoding, _decode_triton.py; custom op torch.ops.igpt.attention_decode, launches
+"attn_decode_split" and "attn_decode_combine"): every program takes one (b, h, key split), so a few heads still fill
+the GPU, and it has no autotuning and no host sync. split_kv=False keeps the main kernel (for comparisons);
+split_kv=True requires the decode path's conditions; None (default) chooses automatically. The output of the decode
+path is a [B, H, Nq, D] view of contiguous [B, Nq, H, D] memory, so `.transpose(1, 2).reshape(B, Nq, H * D)` is free.
+
 Memory: the Triton path allocates O(B*H*N*D) only (outputs, fp32 log-sum-exp and delta per row, an fp32 dQ buffer for
 the atomic variant); scores and probabilities live in registers, tile by tile.
 """
@@ -31,7 +38,7 @@ from ._custom_ops import custom_op
 from ._dispatch import TritonDispatch
 from .reference import attention_reference
 
-__all__ = ["attention", "launch_counts", "MAX_HEAD_DIM", "SUPPORTED_DTYPES"]
+__all__ = ["attention", "launch_counts", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head dims up to 128; those that are not a power of two (e.g. 96) are padded inside the kernel with masked loads.
@@ -40,6 +47,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 _PREPROCESS_BLOCK_M = 32  # delta = rowsum(dO * O) is memory bound; 64 rows spill at D=96 in fp16 (sm_90)
+
+MAX_DECODE_QUERIES = 16  # the split-KV decode path holds all queries of a head in one 16-row tile
 
 launch_counts: collections.Counter = collections.Counter()
 
@@ -257,15 +266,86 @@ attention_fwd = custom_op("attention_fwd", _attention_fwd, fake=_attention_fwd_f
                           setup_context=_setup_context)
 
 
-def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False):
+# ------------------------------------------------------------------------------------------------------------------
+# Decode: split-KV forward (Nq <= MAX_DECODE_QUERIES, no gradient), a custom op of its own without autograd
+# ------------------------------------------------------------------------------------------------------------------
+_decode_dispatch = TritonDispatch("attention", "igpt_kernels._decode_triton")
+
+
+def _decode_forward(q, k, v, key_mask, causal, sm_scale):
+    tk = _decode_dispatch.kernels()
+    b, h, n_q, d = q.shape
+    n_k = k.shape[2]
+    (block_n, num_warps, num_stages), n_splits, keys_per_split = tk.launch_plan(q, n_k)
+    acc = torch.empty((b, h, n_splits, n_q, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((b, h, n_splits, n_q), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
+    tk.attn_decode_split_kernel[(n_splits, h, b)](
+        q, k, v, mask, acc, m, l,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn,
+        h, n_q, n_k, keys_per_split, sm_scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=tk.block_d(d), CAUSAL=causal, HAS_MASK=key_mask is not None,
+        BLOCK_M=tk.BLOCK_M, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
+    launch_counts["attn_decode_split"] += 1
+    # [B, Nq, H, D] memory seen as [B, H, Nq, D]: the output projection reads it as [B, Nq, H*D] without a copy
+    o = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
+    tk.attn_decode_combine_kernel[(h, b)](
+        acc, m, l, o, lse, *o.stride(), h, n_q, n_splits,
+        HEAD_DIM=d, BLOCK_D=tk.block_d(d), BLOCK_M=tk.BLOCK_M, num_warps=tk.COMBINE_WARPS, num_stages=1,
+    )
+    launch_counts["attn_decode_combine"] += 1
+    return o, lse
+
+
+def _attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool,
+                      sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV Triton forward for Nq <= 16: (out [B,H,Nq,D] over [B,Nq,H,D] memory, log-sum-exp [B,H,Nq] fp32,
+    base 2). Inputs must be valid; not differentiable."""
+    return _decode_forward(q, k, v, key_mask, causal, sm_scale)
+
+
+def _attention_decode_fake(q, k, v, key_mask, causal, sm_scale):
+    b, h, n_q, d = q.shape
+    return q.new_empty((b, n_q, h, d)).transpose(1, 2), q.new_empty((b, h, n_q), dtype=torch.float32)
+
+
+attention_decode = custom_op("attention_decode", _attention_decode, fake=_attention_decode_fake)
+
+
+def _use_split_kv(q, k, v, split_kv) -> bool:
+    """Whether the call takes the split-KV decode path (on the Triton path); checks the split_kv argument."""
+    if split_kv is not None and not isinstance(split_kv, bool):
+        raise TypeError(f"attention: split_kv must be True, False or None (automatic), got {split_kv!r}")
+    fits = q.shape[2] <= MAX_DECODE_QUERIES
+    no_grad = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    if split_kv is None:
+        return fits and no_grad
+    if split_kv and not fits:
+        raise ValueError(f"attention: split_kv=True takes at most {MAX_DECODE_QUERIES} queries per head, got Nq = "
+                         f"{q.shape[2]}; pass split_kv=None (automatic) or False.")
+    if split_kv and not no_grad:
+        raise ValueError("attention: split_kv=True has no backward, but an input requires grad; run under "
+                         "torch.no_grad() or pass split_kv=None (automatic) or False.")
+    return split_kv
+
+
+def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False, split_kv=None):
     """Scaled dot-product attention; see the module docstring for the full contract.
 
     q [B,H,Nq,D], k/v [B,H,Nk,D] (Nq <= Nk), key_mask [B,Nk] bool (True = attend) or None -> [B,H,Nq,D].
+    split_kv: None chooses the split-KV decode kernels when Nq <= 16 and no gradient is needed; False never uses
+    them (e.g. to compare against the main kernel); True requires them. The CPU reference path ignores it.
     Raises TypeError for a wrong dtype/type and ValueError for a wrong shape, device or value.
     """
     sm_scale = _check_inputs(q, k, v, causal, key_mask, sm_scale, deterministic)
+    decode = _use_split_kv(q, k, v, split_kv)
     if q.numel() == 0 or not _use_triton(q.device):
         return attention_reference(q, k, v, causal=causal, key_mask=key_mask, sm_scale=sm_scale)
+    if decode:
+        return attention_decode(q, k, v, key_mask, causal, sm_scale)[0]
     return attention_fwd(q, k, v, key_mask, causal, sm_scale, deterministic)[0]
 
 

@@ -1,6 +1,7 @@
 """Fused palette-lookup embedding: RGB pixels or token ids -> nearest palette centre -> wte[id] + wpe[pos].
 
-    palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0) -> (h, ids)
+    palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0, check_range=True)
+        -> (h, ids)
 
 Contract (DESIGN.md): x is uint8 RGB [B,N,3] (quantized against `centres` [V,3] fp32 in [-1,1], V = wte rows) or
 int64 ids [B,N] (then `centres` is not used); ids = the (unshifted) token ids, int64 [B,N]. With p0 = pos_offset:
@@ -61,7 +62,7 @@ def _check_tensor(name, t, *, optional=False):
         raise TypeError(f"palette_embedding: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset):
+def _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset, check_range=True):
     _check_tensor("x", x)
     _check_tensor("wte", wte)
     _check_tensor("wpe", wpe)
@@ -128,7 +129,7 @@ def _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset):
                          f"{sorted({str(t.device) for t in tensors})}; move them with .to(device).")
     # Data-dependent checks (one host sync each): out-of-range ids would read outside wte. torch.compile cannot trace a
     # host sync into a graph, so compiled callers validate their inputs before the compiled region (igpt does).
-    if torch.compiler.is_compiling():
+    if not check_range or torch.compiler.is_compiling():
         return
     if x.dtype == torch.uint8:
         if not bool(torch.isfinite(centres).all()):
@@ -279,12 +280,17 @@ palette_embedding_fwd = custom_op("palette_embedding_fwd", _palette_embedding_fw
                                   backward=_backward_formula, setup_context=_setup_context)
 
 
-def palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0):
+def palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0, check_range=True):
     """Palette-lookup embedding; see the module docstring for the full contract. Returns (h, ids).
 
+    check_range=False skips the data-dependent checks (ids in 0 .. V-1, centres finite in [-1, 1]), each a host sync
+    with the device: for callers that validated these inputs already, e.g. sampling's per-token steps, whose drawn
+    ids are in range by construction. Out-of-range ids then read outside wte.
     Raises TypeError for a wrong dtype/type and ValueError for a wrong shape, device, range or value.
     """
-    _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset)
+    if not isinstance(check_range, bool):
+        raise TypeError(f"palette_embedding: check_range must be True or False, got {check_range!r}")
+    _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset, check_range)
     if x.numel() == 0 or not _use_triton(wte.device):
         return palette_embedding_reference(x, wte, wpe, centres=centres, sos=sos, bert_mask=bert_mask,
                                            pos_offset=pos_offset)

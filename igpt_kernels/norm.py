@@ -71,7 +71,8 @@ def _check_inputs(x, weight, eps, residual) -> float:
     if len(devices) > 1:
         raise ValueError(f"norm: x, weight and residual must be on one device, got {sorted(map(str, devices))}; "
                          f"move them with .to(device).")
-    if not (math.isfinite(eps) and eps >= 0):
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) makes float attributes symbolic (NaN fails both)
+    if not (0 <= eps < math.inf):
         raise ValueError(f"norm: eps must be finite and >= 0, got {eps}; the default is 1e-5.")
     return float(eps)
 
