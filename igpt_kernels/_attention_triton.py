@@ -143,9 +143,18 @@ def _autotune_configs(kind):
 
     def prune(configs, named_args, **kwargs):
         group = by_group[tile_group(kwargs["HEAD_DIM"], named_args["Q"].element_size())]
-        return [c for c in configs if any(c is g for g in group)]
+        kept = [c for c in configs if any(c is g for g in group)]
+        return fit_query_tiles(kept, named_args["TUNE_N_Q"]) if kind in ("fwd", "dq") else kept
 
     return configs, {"early_config_prune": prune}
+
+
+def fit_query_tiles(configs, tune_n_q):
+    """The configs whose query tile (BLOCK_M) is no taller than the queries' power-of-two bucket: a 128-row tile for 20
+    queries is mostly padding, and timing it is wasted tuning. Keeps the shortest tiles when none fits."""
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, tune_n_q)]
+    shortest = min(c.kwargs["BLOCK_M"] for c in configs)
+    return fitting or [c for c in configs if c.kwargs["BLOCK_M"] == shortest]
 
 
 def _autotune(kind, key, reset_to_zero=None):

@@ -323,3 +323,20 @@ def test_gpu_autotuner_picks_within_the_group_and_resets_dq(dtype, d):
     scale = leaves[0].grad.abs().max().item()
     assert (tuned - leaves[0].grad).abs().max().item() <= 2e-2 * scale
     assert (tuned - cached).abs().max().item() <= 2e-2 * scale
+
+
+def test_short_query_sequences_do_not_tune_tall_query_tiles():
+    tk = importlib.import_module("igpt_kernels.attention")._kernels()
+    for arch in (80, 90):
+        for kind in ("fwd", "dq"):
+            for group, entries in tk.CONFIG_TABLES[kind][arch].items():
+                configs = [tk.to_triton_config(e) for e in entries]
+                for bucket in (16, 32, 64, 128, 1024):
+                    kept = tk.fit_query_tiles(configs, bucket)
+                    assert kept and all(c in configs for c in kept)
+                    heights = {c.kwargs["BLOCK_M"] for c in kept}
+                    if min(c.kwargs["BLOCK_M"] for c in configs) <= bucket:
+                        assert max(heights) <= bucket, (kind, arch, group, bucket, heights)
+                    else:
+                        assert heights == {min(c.kwargs["BLOCK_M"] for c in configs)}
+                assert len(tk.fit_query_tiles(configs, 1024)) == len(configs)
