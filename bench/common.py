@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from igpt import Decoder, IGPTConfig
-from igpt.model import onednn_available, onednn_linear
+from igpt.model import onednn_linear, onednn_supports
 from igpt.convert import hf_config_kwargs, hf_input_ids, to_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,12 +197,12 @@ def train_step_fn(model, loss_fn, ids, precision: str, *loss_args):
 
 def matmul_peak(precision: str, n: int = 4096, warmup: int = 1, repeat: int = 3) -> float:
     """Measured FLOP/s of an n x n x n matmul in this precision (bf16 tensors for bf16, as autocast runs it): the
-    faster of torch.matmul and, where the build has it, oneDNN's packed-weight linear (fp32 torch.matmul is MKL's
+    faster of torch.matmul and, where oneDNN runs the dtype on this CPU, oneDNN's packed-weight linear (fp32 torch.matmul is MKL's
     sgemm, which oneDNN beats ~1.4x on AMD CPUs)."""
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
     fns = [lambda: torch.matmul(a, b)]
-    if onednn_available():
+    if onednn_supports(dtype):  # not bf16 on AVX2-only CPUs: oneDNN's bf16 reorder needs AVX-512 or AVX-NE-CONVERT
         linear = onednn_linear(b.t().contiguous())  # linear(a, b^T) = a @ b
         fns.append(lambda: linear(a))
     with torch.no_grad():  # the oneDNN linear is inference only

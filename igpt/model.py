@@ -180,6 +180,19 @@ def onednn_available() -> bool:
 
 
 ONEDNN_LINEAR = onednn_available()  # read by Linear.forward (a constant, so torch.compile traces no build checks)
+# What torch's oneDNN bf16 check asks of the CPU; AVX2-only CPUs (e.g. AMD Zen 3) have none of it.
+ONEDNN_BF16_NEEDS = "AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX"
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """oneDNN's linear runs `dtype` on this CPU: fp32 wherever the build has oneDNN, bf16 only where the CPU has
+    ONEDNN_BF16_NEEDS (`torch.ops.mkldnn._is_mkldnn_bf16_supported`; elsewhere oneDNN's bf16 weight reorder raises).
+    `torch.backends.cpu.get_cpu_capability()` cannot tell: it says "AVX2" also on CPUs with AVX-NE-CONVERT."""
+    if not onednn_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 @contextlib.contextmanager
@@ -188,10 +201,8 @@ def onednn_packed_linears(model: nn.Module):
     packed once into oneDNN's blocked layout. For fp32, F.linear calls MKL's sgemm, which is slow on small batches and
     on AMD CPUs (measured on a 2-core AMD EPYC: 1.7x faster with one token per image, 4 images; 1.2-1.6x at 3840 rows).
     The same products, summed in another order: fp32 results can differ in the last bits. Other linears (float64,
-    GPU) and builds without oneDNN keep F.linear."""
-    dtypes = {torch.float32, torch.bfloat16} if onednn_available() else set()
-    if dtypes and not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # CPUs without AVX512-BW/BF16 or AMX
-        dtypes.discard(torch.bfloat16)
+    GPU), bf16 on CPUs where oneDNN cannot run it (`onednn_supports`) and builds without oneDNN keep F.linear."""
+    dtypes = {dtype for dtype in (torch.float32, torch.bfloat16) if onednn_supports(dtype)}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"
                and m.weight.dtype in dtypes and "forward" not in m.__dict__]  # (not packed yet: nesting is a no-op)
     try:
@@ -205,7 +216,12 @@ def onednn_packed_linears(model: nn.Module):
 
 def onednn_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x -> F.linear(x, weight, bias) through oneDNN, `weight` [out, in] packed once now (a snapshot: later changes to
-    the weight are not seen). Inference only. Needs `onednn_available()`."""
+    the weight are not seen). Inference only. Needs `onednn_supports(weight.dtype)`."""
+    if not onednn_supports(weight.dtype):
+        why = (f"oneDNN bf16 needs {ONEDNN_BF16_NEEDS}, this CPU has {torch.backends.cpu.get_cpu_capability()}"
+               if onednn_available() else "this PyTorch build has no oneDNN linear")
+        raise TypeError(f"oneDNN cannot run a {weight.dtype} linear ({why}): check onednn_supports(dtype) first and "
+                        "use F.linear where it is False")
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
     bias = None if bias is None else bias.detach().to(packed.dtype)
 

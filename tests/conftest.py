@@ -31,3 +31,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if INTERPRET and "interpret" not in item.nodeid.split("/"):
             item.add_marker(pytest.mark.skip(reason="only tests/interpret runs under TRITON_INTERPRET=1"))
+
+
+@pytest.fixture
+def cpu_without_onednn_bf16(monkeypatch):
+    """This process acts like an AVX2-only CPU (AMD Zen 3): torch's oneDNN bf16 check says no and oneDNN's bf16 ops
+    raise as they do there, so the fallback paths are tested on AVX-512 machines too."""
+    import torch
+
+    mkldnn = torch.ops.mkldnn
+    reorder, linear = mkldnn._reorder_linear_weight, mkldnn._linear_pointwise
+
+    def refuse_bf16(op):
+        def call(x, *args, **kwargs):
+            if x.dtype == torch.bfloat16:
+                raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or "
+                                   "avx512bw, avx512vl and avx512dq (simulated AVX2-only CPU)")
+            return op(x, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(mkldnn, "_reorder_linear_weight", refuse_bf16(reorder))
+    monkeypatch.setattr(mkldnn, "_linear_pointwise", refuse_bf16(linear))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")

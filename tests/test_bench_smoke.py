@@ -158,6 +158,13 @@ def test_train_flops_counts_by_hand(bench_modules):
     assert common.train_flops(model, 3, causal_half=True) == 6 * P * 3 * 16 + attention / 2
 
 
+def test_matmul_peak_leaves_bf16_to_torch_matmul_where_onednn_cannot_run_it(bench_modules, cpu_without_onednn_bf16):
+    """peer.py's bf16 peak on an AVX2-only CPU (simulated anywhere): oneDNN's bf16 reorder would raise there."""
+    common, _, _ = bench_modules
+    assert common.matmul_peak("bf16", n=64, warmup=0, repeat=1) > 0
+    assert common.matmul_peak("fp32", n=64, warmup=0, repeat=1) > 0
+
+
 def test_env_info_names_the_commit_without_git(bench_modules, monkeypatch):
     """A copy of the tree without .git (the GPU machine's) takes the commit from IGPT_GIT_SHA; dirtiness is unknown."""
     common, _, _ = bench_modules

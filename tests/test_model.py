@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from igpt import Decoder, FusedDecoder, IGPTConfig
-from igpt.model import IGPTOutput, onednn_available, onednn_packed_linears, random_bert_mask
+from igpt.model import (ONEDNN_BF16_NEEDS, IGPTOutput, onednn_available, onednn_packed_linears, onednn_supports,
+                        random_bert_mask)
 
 torch.set_num_threads(2)
 
@@ -313,8 +314,15 @@ def test_generate_under_autocast_on_cpu_attends_in_fp32_and_casts_weights_once(m
     assert list(model.named_parameters()) == list(params.items())  # the same Parameter objects, in the same order
 
 
+NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
+    onednn_available() and not onednn_supports(torch.bfloat16),
+    reason=f"oneDNN bf16 needs {ONEDNN_BF16_NEEDS}; this CPU has {torch.backends.cpu.get_cpu_capability()} "
+           "(its F.linear fallback: test_bf16_linears_fall_back_to_f_linear_where_onednn_cannot_run_bf16)")
+
+
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
-@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.float32, False),
+                                        pytest.param(torch.bfloat16, True, marks=NEEDS_ONEDNN_BF16)])
 def test_onednn_packed_linears_compute_the_linear_and_restore_the_modules(dtype, bias):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=bias), torch.nn.Linear(96, 32, bias=bias)).to(dtype)
@@ -339,11 +347,31 @@ def test_onednn_packed_linears_compute_the_linear_and_restore_the_modules(dtype,
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")
-def test_onednn_packed_linears_leave_bf16_to_f_linear_where_the_cpu_lacks_onednn_bf16(monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+def test_bf16_linears_fall_back_to_f_linear_where_onednn_cannot_run_bf16(cpu_without_onednn_bf16, monkeypatch):
+    """On a CPU without oneDNN bf16 (AVX2 only; simulated on any CPU): packing leaves bf16 linears to F.linear with
+    F.linear's results, bf16 sampling runs and draws what it draws unpacked, and onednn_linear says what is missing."""
+    import igpt.model
+
+    assert not onednn_supports(torch.bfloat16) and onednn_supports(torch.float32)
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).bfloat16())
-    with onednn_packed_linears(model):
-        assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model[1](x)
+        with onednn_packed_linears(model):
+            assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+            assert torch.equal(model[1](x), expected)
+    with pytest.raises(TypeError, match="AVX512-BW.*AVX2.*onednn_supports"):
+        igpt.model.onednn_linear(model[1].weight)
+    decoder = randomized(Decoder(tiny())).eval()
+    prompt = ids_for(decoder.cfg)[:, :3]
+
+    def sample():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return decoder.generate(2, prompt=prompt, generator=torch.Generator().manual_seed(0))
+    tokens = sample()
+    monkeypatch.setattr(igpt.model, "onednn_packed_linears", lambda m: igpt.model.contextlib.nullcontext())
+    assert torch.equal(tokens, sample())
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN")

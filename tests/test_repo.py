@@ -1,6 +1,7 @@
 """Promises about the repository itself."""
 import ast
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,28 @@ def test_ci_runs_the_readme_test_command():
     command = match.group(1).strip()
     assert command in (REPO / ".ci" / "run").read_text()
     assert "torch==2.13.0" in readme and "torch==2.13.0" in (REPO / ".ci" / "run").read_text()
+
+
+def pip_installs(commands: str) -> list[list[str]]:
+    """The arguments of each `pip install` in shell text (lines or `&&` chains), without --quiet / -q."""
+    installs = []
+    for line in commands.splitlines():
+        for command in line.split("&&"):
+            words = shlex.split(command, comments=True)
+            if len(words) > 1 and words[0].endswith("/pip") and words[1] == "install":
+                installs.append([w for w in words[2:] if w not in ("--quiet", "-q")])
+    return installs
+
+
+def test_ci_installs_what_the_readme_installs():
+    # A fresh clone set up as the README says must get the torch and triton that CI tests (pip takes the newest
+    # triton unless told: 3.9 spilled registers in kernels that 3.6 compiled cleanly).
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"```bash\n(python3 -m venv \.venv .+?)\n```", readme)
+    assert match, "README.md must have a quick-start block starting with 'python3 -m venv .venv'"
+    readme_installs = pip_installs(match.group(1))
+    assert readme_installs == pip_installs((REPO / ".ci" / "run").read_text())
+    assert any("triton==3.6.0" in w for words in readme_installs for w in words), readme_installs
 
 
 def test_kernels_never_import_igpt():
