@@ -168,7 +168,8 @@ def _fake_cuda(*shapes_and_dtypes):
         return tuple(torch.empty(s, dtype=d, device="cuda") for s, d in shapes_and_dtypes)
 
 
-@pytest.mark.parametrize("op", ["attention", "norm", "norm_residual", "palette_embedding"])
+@pytest.mark.parametrize("op", ["attention", "attention_decode", "norm", "norm_residual",
+                                "palette_embedding"])
 def test_each_op_traces_its_cuda_branch_into_one_graph(op):
     # strict export is dynamo with fullgraph=True on fake CUDA tensors: the real dispatch decision, no GPU, no patching
     from igpt_kernels import attention, norm, palette_embedding
@@ -176,7 +177,11 @@ def test_each_op_traces_its_cuda_branch_into_one_graph(op):
     h, fp16 = (2, 5, 32), torch.float16
     cases = {
         "attention": (lambda q, k, v: attention(q, k, v, causal=True),
-                      _fake_cuda(((2, 2, 5, 16), fp16), ((2, 2, 7, 16), fp16), ((2, 2, 7, 16), fp16)), "attention_fwd"),
+                      _fake_cuda(((2, 2, 20, 16), fp16), ((2, 2, 23, 16), fp16), ((2, 2, 23, 16), fp16)),
+                      "attention_fwd"),
+        "attention_decode": (lambda q, k, v: attention(q, k, v, causal=True),
+                             _fake_cuda(((2, 2, 1, 16), fp16), ((2, 2, 7, 16), fp16), ((2, 2, 7, 16), fp16)),
+                             "attention_decode"),
         "norm": (lambda x, w: norm(x, w, 1e-5), _fake_cuda((h, fp16), ((32,), fp16)), "norm_fwd"),
         "norm_residual": (lambda x, w, r: norm(x, w, 1e-5, residual=r)[0],
                           _fake_cuda((h, fp16), ((32,), fp16), (h, fp16)), "norm_fwd"),
