@@ -48,18 +48,17 @@ Saved for backward per block, bytes per token (each tensor counted once by stora
   q, k, v (views of the qkv output)          attention              3aC
   O                                          attention              aC   (materialized: not kept)
   LSE (fp32, per head)                       attention              4H   (materialized: none)
-  proj input = O transposed to [B,N,C]       proj Linear            flash (igpt_kernels, O is [B,H,N,D]): aC copy;
-                                                                    sdpa (torch SDPA lays O out [B,N,H,D]): view, 0;
-                                                                    materialized: aC copy
+  proj input = O transposed to [B,N,C]       proj Linear            flash, sdpa (both lay O out as [B,N,H,D]
+                                                                    memory): a view, 0; materialized: aC copy
   softmax(S) [and softmax(S)*row_mask]       matmul (materialized)  H*N*a per copy: 2 copies causal, 1 bidirectional
   ln_2 input, x * rstd, rstd, ln_2 output    norm, fc Linear        as for ln_1
   1.702 u (u = fc output)                    quick-GELU's silu      4aC
   quick-GELU output                          mlp.proj Linear        4aC
   per block, not per token (materialized causal): the [N,N] bool mask, N^2 bytes, and an [N] row mask, N*a
 
-  Sum, flash/sdpa:  2*norm + (4 + copy)aC + 8aC + 8 + 4H   with norm = (8 + a)C eager, (s + a)C fused
+  Sum, flash/sdpa:  2*norm + 4aC + 8aC + 8 + 4H   with norm = (8 + a)C eager, (s + a)C fused
     Decoder, fp32, CPU (eager, sdpa):          72C + 8 + 4H   = 18 fp32 numbers of width C per token
-    FusedDecoder, bf16 FSDP (fused, flash):    34C + 8 + 4H   (iGPT-L at 48^2: 120 MB per sample per block)
+    FusedDecoder, bf16 FSDP (fused, flash):    32C + 8 + 4H   (iGPT-L at 48^2: 113 MB per sample per block)
     materialized (FusedDecoder on CPU): flash/sdpa's 4aC + 4H becomes 4aC + (1 or 2)HNa, i.e. O(N^2).
 
   Activation checkpointing (torch.utils.checkpoint, non-reentrant, per block): a checkpointed block keeps only its
@@ -243,7 +242,7 @@ def saved_per_block(cfg: IGPTConfig, micro_batch: int, *, stream_bytes: int, act
     else:
         terms["attn_out"] = T * a * C
         terms["attn_lse"] = T * 4 * H
-        terms["proj_input"] = T * a * C if attention == "flash" else 0
+        terms["proj_input"] = 0  # flash and sdpa both write O as [B,N,H,D] memory: the proj reads a view
     terms["mlp_silu_in"] = 4 * T * a * C
     terms["mlp_gelu_out"] = 4 * T * a * C
     return terms

@@ -1,5 +1,8 @@
 """Shared checks that FusedDecoder is a drop-in for Decoder (used by the CPU and the interpreter test processes)."""
+import collections
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from igpt import Decoder, FusedDecoder, IGPTConfig, Palette
 
@@ -44,3 +47,15 @@ def assert_same_logits_and_grads(eager, fused, ids, bert_mask=None, atol=2e-5):
 def random_palette(n=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     return Palette(torch.rand(n, 3, generator=g) * 2 - 1)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run inside it (e.g. `aten._local_scalar_dense`: a host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))

@@ -10,48 +10,22 @@ bf16, fp32) at its first config on sm_90. `--runslow` adds the sm_80 specialisat
 Cases compile once per group, in parallel processes, the first time a test of the group runs.
 """
 import importlib.util
-import os
 import re
 
 import pytest
 
+from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 KERNELS = ["attention.fwd", "attention.bwd_dkdv", "attention.bwd_dq", "attention.bwd_preprocess"]
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the compile needs real JIT functions: nothing to do then
 
 
-def _groups():
-    if INTERPRET or importlib.util.find_spec("triton") is None:
-        return {"configs": [], "specialisations": [], "specialisations_slow": [], "full": []}
-    every_spec = C.specialisation_cases(KERNELS)
-    # Default: every specialisation (causal, mask, head dim, dtype) on sm_90, the reference GPU, at its first config;
-    # sm_80 gets every config above, and its specialisation sweep is slow-marked to keep the default run in budget.
-    default = [c for c in every_spec if c.arch == 90]
-    return {
-        "configs": C.config_cases(KERNELS),
-        "specialisations": default,
-        "specialisations_slow": [c for c in every_spec if c not in set(default)],
-        "full": C.full_cases(KERNELS),
-    }
-
-
-GROUPS = _groups()
-_RESULTS = {}
-
-
-def _result(group, case):
-    if group not in _RESULTS:
-        cases = list(dict.fromkeys(GROUPS[group]))
-        _RESULTS[group] = dict(zip(cases, C.compile_cases(cases)))
-    return _RESULTS[group][case]
-
-
-def _case_id(case):
-    spec = "-".join(f"{v}" if not isinstance(v, bool) else (k if v else f"no_{k}") for k, v in case.spec)
-    return f"{case.kernel}-sm{case.arch}-{case.config.label.replace(' ', '_')}-{spec}"
+GROUPS = {**default_groups(KERNELS), "full": C.full_cases(KERNELS) if AVAILABLE else []}
+_COMPILED = CompiledGroups(GROUPS)
+_result = _COMPILED.result
+_case_id = case_id
 
 
 def check_compiled(result):

@@ -1,28 +1,16 @@
 """The split-KV decode path on CPU: its launch plan (pure functions), the split_kv and check_range arguments, and that
 sampling checks token ids once rather than at every step (numerics: tests/interpret/test_attention_decode.py)."""
-import collections
 import importlib.util
 import types
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from fused_parity import randomized_pair, tiny_config
+from fused_parity import CountOps, randomized_pair, tiny_config
 from igpt_kernels import attention, attention_reference, palette_embedding
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 SYNC = "aten._local_scalar_dense.default"
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @needs_triton

@@ -6,43 +6,21 @@ precision (no MMA), and nothing uses atomics (the splits are merged in a fixed o
 (one per target, dtype group and head dim) and every specialisation on sm_90; `--runslow` adds sm_80's.
 """
 import importlib.util
-import os
 
 import pytest
 
+from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 KERNELS = ["attention.decode_split", "attention.decode_combine"]
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _groups():
-    if INTERPRET or importlib.util.find_spec("triton") is None:
-        return {"configs": [], "specialisations": [], "specialisations_slow": []}
-    every_spec = C.specialisation_cases(KERNELS)
-    return {
-        "configs": C.config_cases(KERNELS),
-        "specialisations": [c for c in every_spec if c.arch == 90],
-        "specialisations_slow": [c for c in every_spec if c.arch != 90],
-    }
-
-
-GROUPS = _groups()
-_RESULTS = {}
-
-
-def _result(group, case):
-    if group not in _RESULTS:
-        cases = list(dict.fromkeys(GROUPS[group]))
-        _RESULTS[group] = dict(zip(cases, C.compile_cases(cases)))
-    return _RESULTS[group][case]
-
-
-def _case_id(case):
-    spec = "-".join(f"{v}" if not isinstance(v, bool) else (k if v else f"no_{k}") for k, v in case.spec)
-    return f"{case.kernel}-sm{case.arch}-{case.config.label.replace(' ', '_')}-{spec}"
+GROUPS = default_groups(KERNELS)
+_COMPILED = CompiledGroups(GROUPS)
+_result = _COMPILED.result
+_case_id = case_id
 
 
 def check_compiled(result):

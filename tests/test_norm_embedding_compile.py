@@ -6,47 +6,25 @@ multiply-add (it would round (dr^2 + dg^2) once instead of twice and flip ties);
 fail. Default suite: every config on both targets and every specialisation on sm_90; `--runslow` adds sm_80's.
 """
 import importlib.util
-import os
 import re
 
 import pytest
 
+from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 KERNELS = ["norm.fwd", "norm.bwd", "embedding.fwd", "embedding.bwd_wte", "embedding.bwd_wpe"]
 DETERMINISTIC = ["norm.bwd", "embedding.bwd_wte", "embedding.bwd_wpe"]
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the compile needs real JIT functions: nothing to do then
 _FMA = re.compile(r"\bfma\.rn(\.ftz)?\.f32\b")
 _ATOMIC = re.compile(r"\b(atom|red)\.")
 
 
-def _groups():
-    if INTERPRET or importlib.util.find_spec("triton") is None:
-        return {"configs": [], "specialisations": [], "specialisations_slow": []}
-    every_spec = C.specialisation_cases(KERNELS)
-    return {
-        "configs": C.config_cases(KERNELS),
-        "specialisations": [c for c in every_spec if c.arch == 90],
-        "specialisations_slow": [c for c in every_spec if c.arch != 90],
-    }
-
-
-GROUPS = _groups()
-_RESULTS = {}
-
-
-def _result(group, case):
-    if group not in _RESULTS:
-        cases = list(dict.fromkeys(GROUPS[group]))
-        _RESULTS[group] = dict(zip(cases, C.compile_cases(cases, keep_asm=True)))
-    return _RESULTS[group][case]
-
-
-def _case_id(case):
-    spec = "-".join(f"{v}" if not isinstance(v, bool) else (k if v else f"no_{k}") for k, v in case.spec)
-    return f"{case.kernel}-sm{case.arch}-{case.config.label.replace(' ', '_')}-{spec}"
+GROUPS = default_groups(KERNELS)
+_COMPILED = CompiledGroups(GROUPS, keep_asm=True)
+_result = _COMPILED.result
+_case_id = case_id
 
 
 def check_compiled(result):
@@ -93,7 +71,7 @@ def test_registry_covers_every_kernel_and_target():
 
 # A probe with the same shape of arithmetic written the plain way, and one with an atomic: the checks above must see
 # what they look for, or they could never fail.
-if not INTERPRET and importlib.util.find_spec("triton") is not None:
+if AVAILABLE:
     import triton
     import triton.language as tl
 

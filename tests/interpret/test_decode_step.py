@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fused_parity import randomized_pair  # noqa: E402
+from fused_parity import CountOps, randomized_pair  # noqa: E402
 
 import igpt_kernels  # noqa: E402
 from igpt import IGPTConfig  # noqa: E402
@@ -66,16 +65,6 @@ def test_sampling_draws_the_same_tokens_with_and_without_split_kv(split_kv_off):
     assert launch_counts["attn_fwd"] - before.get("attn_fwd", 0) == n_layer * steps
     assert torch.equal(with_split, without)
     assert torch.equal(with_split, eager_split_kv_sample())  # the same model and seed give the same draws
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _prefilled(model, n=2):
