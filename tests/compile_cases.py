@@ -3,6 +3,8 @@ parallel processes) the first time one of its tests runs, and readable test ids.
 import importlib.util
 import os
 
+import pytest
+
 from igpt_kernels import _compile as C
 
 # the compile needs real JIT functions: nothing to do under the interpreter or without triton
@@ -35,3 +37,17 @@ class CompiledGroups:
 def case_id(case):
     spec = "-".join(f"{v}" if not isinstance(v, bool) else (k if v else f"no_{k}") for k, v in case.spec)
     return f"{case.kernel}-sm{case.arch}-{case.config.label.replace(' ', '_')}-{spec}"
+
+
+def group_tests(groups, check, keep_asm=False):
+    """The tests each compile module shares, checking every case with `check(result)`: (compiled groups, every
+    config, every sm_90 specialisation, the sm_80 specialisations (slow)). Assign them to test_* names."""
+    compiled = CompiledGroups(groups, keep_asm)
+
+    def run(group):
+        @pytest.mark.parametrize("case", groups[group], ids=case_id)
+        def test(case):
+            check(compiled.result(group, case))
+        return test
+
+    return compiled, run("configs"), run("specialisations"), pytest.mark.slow(run("specialisations_slow"))

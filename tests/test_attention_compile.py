@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
+from compile_cases import AVAILABLE, case_id, default_groups, group_tests
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -23,9 +23,6 @@ KERNELS = ["attention.fwd", "attention.bwd_dkdv", "attention.bwd_dq", "attention
 
 
 GROUPS = {**default_groups(KERNELS), "full": C.full_cases(KERNELS) if AVAILABLE else []}
-_COMPILED = CompiledGroups(GROUPS)
-_result = _COMPILED.result
-_case_id = case_id
 
 
 def check_compiled(result):
@@ -50,26 +47,14 @@ def check_compiled(result):
         assert result.mma == "-", f"{where}: fp32 dots use {result.mma} (TF32?), expected IEEE FMA"
 
 
-@pytest.mark.parametrize("case", GROUPS["configs"], ids=_case_id)
-def test_every_config_compiles(case):
-    check_compiled(_result("configs", case))
-
-
-@pytest.mark.parametrize("case", GROUPS["specialisations"], ids=_case_id)
-def test_every_specialisation_compiles(case):
-    check_compiled(_result("specialisations", case))
+(_COMPILED, test_every_config_compiles, test_every_specialisation_compiles,
+ test_every_specialisation_compiles_sm80) = group_tests(GROUPS, check_compiled)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", GROUPS["specialisations_slow"], ids=_case_id)
-def test_every_specialisation_compiles_sm80(case):
-    check_compiled(_result("specialisations_slow", case))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", GROUPS["full"], ids=_case_id)
+@pytest.mark.parametrize("case", GROUPS["full"], ids=case_id)
 def test_full_product_compiles(case):
-    check_compiled(_result("full", case))
+    check_compiled(_COMPILED.result("full", case))
 
 
 def test_every_launchable_specialisation_is_covered():

@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 
-from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
+from compile_cases import default_groups, group_tests
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -18,9 +18,6 @@ KERNELS = ["attention.decode_split", "attention.decode_combine"]
 
 
 GROUPS = default_groups(KERNELS)
-_COMPILED = CompiledGroups(GROUPS)
-_result = _COMPILED.result
-_case_id = case_id
 
 
 def check_compiled(result):
@@ -37,20 +34,8 @@ def check_compiled(result):
         assert result.mma == "-", f"{where}: fp32 dots use {result.mma} (TF32?), expected IEEE FMA"
 
 
-@pytest.mark.parametrize("case", GROUPS["configs"], ids=_case_id)
-def test_every_config_compiles(case):
-    check_compiled(_result("configs", case))
-
-
-@pytest.mark.parametrize("case", GROUPS["specialisations"], ids=_case_id)
-def test_every_specialisation_compiles(case):
-    check_compiled(_result("specialisations", case))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", GROUPS["specialisations_slow"], ids=_case_id)
-def test_every_specialisation_compiles_sm80(case):
-    check_compiled(_result("specialisations_slow", case))
+(_COMPILED, test_every_config_compiles, test_every_specialisation_compiles,
+ test_every_specialisation_compiles_sm80) = group_tests(GROUPS, check_compiled)
 
 
 def test_the_table_covers_every_launchable_config():

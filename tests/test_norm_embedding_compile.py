@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from compile_cases import AVAILABLE, CompiledGroups, case_id, default_groups
+from compile_cases import AVAILABLE, default_groups, group_tests
 from igpt_kernels import _compile as C
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
@@ -22,9 +22,6 @@ _ATOMIC = re.compile(r"\b(atom|red)\.")
 
 
 GROUPS = default_groups(KERNELS)
-_COMPILED = CompiledGroups(GROUPS, keep_asm=True)
-_result = _COMPILED.result
-_case_id = case_id
 
 
 def check_compiled(result):
@@ -42,20 +39,8 @@ def check_compiled(result):
         assert re.search(r"\bmul\.rn(\.ftz)?\.f32\b", result.asm["ptx"]), f"{where}: no rounded square found"
 
 
-@pytest.mark.parametrize("case", GROUPS["configs"], ids=_case_id)
-def test_every_config_compiles(case):
-    check_compiled(_result("configs", case))
-
-
-@pytest.mark.parametrize("case", GROUPS["specialisations"], ids=_case_id)
-def test_every_specialisation_compiles(case):
-    check_compiled(_result("specialisations", case))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", GROUPS["specialisations_slow"], ids=_case_id)
-def test_every_specialisation_compiles_sm80(case):
-    check_compiled(_result("specialisations_slow", case))
+(_COMPILED, test_every_config_compiles, test_every_specialisation_compiles,
+ test_every_specialisation_compiles_sm80) = group_tests(GROUPS, check_compiled, keep_asm=True)
 
 
 def test_registry_covers_every_kernel_and_target():
