@@ -18,9 +18,9 @@ BENCH = REPO / "bench"
 ENV_KEYS = {"device", "cpu_model", "cpu_cores", "torch", "triton", "transformers", "git_sha", "date_utc"}
 
 
-def run_script(name, *args):
+def run_script(name, *args, env=None):
     return subprocess.run([sys.executable, str(BENCH / name), "--quick", "--precision", "both", *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
 def check_run(proc, json_path):
@@ -51,6 +51,20 @@ def test_peer_quick(tmp_path):
     assert "training ours/HF ceiling" in proc.stdout
     assert "ours: eager" in proc.stdout and data["settings"]["compile"] is False  # --quick does not compile
     assert all(r["first_calls_s"] is None for r in data["results"].values())
+
+
+# What a CPU without AVX-512 (AMD Zen 3) offers, forced here: oneDNN and ATen capped at AVX2.
+AVX2_ONLY = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def test_peer_quick_on_a_cpu_without_avx512(tmp_path):
+    """bench/peer.py on a CPU where oneDNN cannot run bf16 (its bf16 weight reorder raises there): the bf16 linears
+    fall back to F.linear and every check still passes. The env caps must really take oneDNN's bf16 away."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
+                            "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True, env=AVX2_ONLY)
+    assert probe.stdout.split() == ["False", "AVX2"], probe.stdout + probe.stderr
+    out = tmp_path / "peer.json"
+    check_run(run_script("peer.py", "--json", str(out), env=AVX2_ONLY), out)
 
 
 @pytest.mark.slow
