@@ -53,18 +53,18 @@ def test_peer_quick(tmp_path):
     assert all(r["first_calls_s"] is None for r in data["results"].values())
 
 
-# What a CPU without AVX-512 (AMD Zen 3) offers, forced here: oneDNN and ATen capped at AVX2.
-AVX2_ONLY = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-
-
 def test_peer_quick_on_a_cpu_without_avx512(tmp_path):
     """bench/peer.py on a CPU where oneDNN cannot run bf16 (its bf16 weight reorder raises there): the bf16 linears
     fall back to F.linear and every check still passes. The env caps must really take oneDNN's bf16 away."""
+    # What a CPU without AVX-512 (AMD Zen 3) offers: oneDNN and ATen capped at AVX2. Inductor's cache is not keyed on
+    # the cap (an AVX2 entry crashes a later uncapped process), so these runs get a cache of their own.
+    avx2_only = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                 "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
-                            "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True, env=AVX2_ONLY)
+                            "torch.backends.cpu.get_cpu_capability())"], capture_output=True, text=True, env=avx2_only)
     assert probe.stdout.split() == ["False", "AVX2"], probe.stdout + probe.stderr
     out = tmp_path / "peer.json"
-    check_run(run_script("peer.py", "--json", str(out), env=AVX2_ONLY), out)
+    check_run(run_script("peer.py", "--json", str(out), env=avx2_only), out)
 
 
 @pytest.mark.slow
