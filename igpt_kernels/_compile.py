@@ -8,9 +8,9 @@ Per compiled kernel the table shows shared memory (triton's metadata), registers
 run with -v on the PTX), which MMA instruction the dots lowered to (`wgmma` on sm_90, `mma` = mma.sync, `-` = none,
 e.g. fp32 dots at IEEE precision run on FMA units) and whether the code contains atomics.
 
-Registry: every module named in KERNEL_MODULES defines `compile_entries() -> list[KernelEntry]` (a new kernel
-module adds its name there). Entries are built on demand, so `import igpt_kernels` imports neither this module nor
-triton; triton is imported only by the functions that compile.
+Registry: `_compile_registry.entries()` lists a KernelEntry per kernel (a new kernel adds its entries there).
+Entries are built on demand, so `import igpt_kernels` imports neither this module nor triton; triton is imported only
+by the functions that compile.
 """
 from __future__ import annotations
 
@@ -85,19 +85,15 @@ class KernelEntry:
     uses_tensor_cores: Callable[[Mapping], bool] = lambda spec: False
 
 
-KERNEL_MODULES = ["igpt_kernels.attention", "igpt_kernels._decode_triton", "igpt_kernels.norm", "igpt_kernels.embedding"]
-
-
 def entries() -> dict[str, KernelEntry]:
-    """{kernel name: entry} of every kernel module in KERNEL_MODULES, in registration order."""
-    import importlib
+    """{kernel name: entry} of every registered kernel (_compile_registry.py), in registration order."""
+    from ._compile_registry import entries as registered  # it imports this module's dataclasses
 
     out = {}
-    for module_name in KERNEL_MODULES:
-        for entry in importlib.import_module(module_name).compile_entries():
-            if entry.name in out:
-                raise ValueError(f"two compile entries are named {entry.name!r}")
-            out[entry.name] = entry
+    for entry in registered():
+        if entry.name in out:
+            raise ValueError(f"two compile entries are named {entry.name!r}")
+        out[entry.name] = entry
     return out
 
 
