@@ -127,42 +127,33 @@ class CompileResult:
         return self.shared_bytes <= SHARED_MEMORY_LIMIT[self.arch]
 
 
-def _case(entry: KernelEntry, arch: int, config: KernelConfig, spec: Mapping) -> CompileCase:
-    return CompileCase(entry.name, arch, config, tuple(spec.items()))
+def _cases(kernels, targets, per_target) -> list[CompileCase]:
+    """The cases of each selected kernel (all when `kernels` is empty) on each target, in registration order;
+    per_target(entry, arch) gives the (config, spec) pairs."""
+    out = []
+    for name, entry in entries().items():
+        if kernels and name not in kernels:
+            continue
+        for arch in targets:
+            out += [CompileCase(name, arch, cfg, tuple(spec.items())) for cfg, spec in per_target(entry, arch)]
+    return out
 
 
 def config_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """Every config of every kernel, on each target, at the config's representative specialisation."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            out += [_case(entry, arch, cfg, spec) for cfg, spec in entry.config_cases(arch)]
-    return out
+    return _cases(kernels, targets, lambda entry, arch: entry.config_cases(arch))
 
 
 def specialisation_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """Every specialisation of every kernel, on each target, at its first (default) config."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            out += [_case(entry, arch, entry.configs(arch, spec)[0], spec) for spec in entry.specialisations()]
-    return out
+    return _cases(kernels, targets,
+                  lambda entry, arch: [(entry.configs(arch, spec)[0], spec) for spec in entry.specialisations()])
 
 
 def full_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """The full product: every specialisation at every config the autotuner may pick for it."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            for spec in entry.specialisations():
-                out += [_case(entry, arch, cfg, spec) for cfg in entry.configs(arch, spec)]
-    return out
+    return _cases(kernels, targets, lambda entry, arch: [(cfg, spec) for spec in entry.specialisations()
+                                                         for cfg in entry.configs(arch, spec)])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -284,8 +284,7 @@ def _decode_forward(q, k, v, key_mask, causal, sm_scale):
         BLOCK_M=tk.BLOCK_M, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     launch_counts["attn_decode_split"] += 1
-    # [B, Nq, H, D] memory seen as [B, H, Nq, D]: the output projection reads it as [B, Nq, H*D] without a copy
-    o = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = _new_output(q)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     tk.attn_decode_combine_kernel[(h, b)](
         acc, m, l, o, lse, *o.stride(), h, n_q, n_splits,
@@ -303,8 +302,7 @@ def _attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
 
 
 def _attention_decode_fake(q, k, v, key_mask, causal, sm_scale):
-    b, h, n_q, d = q.shape
-    return q.new_empty((b, n_q, h, d)).transpose(1, 2), q.new_empty((b, h, n_q), dtype=torch.float32)
+    return _attention_fwd_fake(q, k, v, key_mask, causal, sm_scale, False)
 
 
 attention_decode = custom_op("attention_decode", _attention_decode, fake=_attention_decode_fake)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import igpt_kernels
-from igpt_kernels import _dispatch
-from igpt_kernels import norm
+from igpt_kernels import _dispatch, norm
 from igpt_kernels.norm import launch_counts as norm_launches
 
 OPS = ("attention", "norm", "palette_embedding")
