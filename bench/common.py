@@ -418,9 +418,11 @@ def gpu_bf16_peak(name: str) -> float | None:
 def ours_path(op: str, device: torch.device) -> tuple[str, bool]:
     """(label, timed) of igpt_kernels' `op` ("attention", "norm", "embedding") on `device`: what really runs there
     (igpt_kernels' own dispatch decides), and whether timing it means anything (the interpreter's speed does not)."""
-    module = importlib.import_module(f"igpt_kernels.{op}")  # the module (the package attribute is the function)
-    if module._use_triton(device):
-        return ("ours (Triton)", True) if device.type == "cuda" else ("ours (Triton interpreter)", False)
+    import igpt_kernels
+
+    backend = igpt_kernels.backend(op, device)
+    if backend != "torch":
+        return ("ours (Triton)", True) if backend == "triton" else ("ours (Triton interpreter)", False)
     if device.type == "cuda":
         return "ours (torch reference: triton missing)", True
     return "ours (CPU reference path)", True

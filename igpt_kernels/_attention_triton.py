@@ -15,17 +15,14 @@ computed from the shape. Batch/head offsets are int64 so tensors over 2^31 eleme
 
 Grids are (tiles along the sequence, H, B): CUDA caps grid dims 1 and 2 at 65535, which B*H in one dim could exceed.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _interpreter_compat
+from ._dispatch import INTERPRET, config_table_arch, device_arch
 
 _interpreter_compat.apply()
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # A finite stand-in for -inf as the initial running max: with masked scores at -inf, a -inf running max would give
 # exp2(-inf - (-inf)) = NaN for rows (or whole tiles) with nothing to attend; a finite start keeps alpha = 1, p = 0.
@@ -102,6 +99,8 @@ BWD_DQ_CONFIGS = {
 }
 # The interpreter runs one config (multi-config autotuning needs a GPU driver to benchmark). BLOCK_M != BLOCK_N on
 # purpose: it exercises the causal tile bounds where query and key tiles do not line up.
+# delta = rowsum(dO * O) is memory bound and runs at one tile: 64 rows spill at D=96 in fp16 (sm_90).
+PREPROCESS_BLOCK_M = 32
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 CONFIG_TABLES = {"fwd": FWD_CONFIGS, "dkdv": BWD_DKDV_CONFIGS, "dq": BWD_DQ_CONFIGS}
@@ -117,12 +116,6 @@ def tile_group(head_dim, element_size):
     if element_size == 4:
         return "fp32"
     return "d64" if block_d(head_dim) <= 64 else "d128"
-
-
-def config_table_arch(capability_major_minor):
-    """sm_90 gets the Hopper table; everything else (Ampere, Ada, Blackwell until tuned) the Ampere one."""
-    major, _ = capability_major_minor
-    return 90 if major == 9 else 80
 
 
 def unpack_entry(entry):
@@ -165,13 +158,6 @@ def fit_query_tiles(configs, tune_n_q):
 def _autotune(kind, key, reset_to_zero=None):
     configs, prune = _autotune_configs(kind)
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune, reset_to_zero=reset_to_zero)
-
-
-def device_arch(device):
-    """The config table a launch on `device` uses (80 or 90); None under the interpreter or off CUDA."""
-    if INTERPRET or device.type != "cuda":
-        return None
-    return config_table_arch(torch.cuda.get_device_capability(device))
 
 
 def fixed_config(kind, arch, head_dim, element_size):

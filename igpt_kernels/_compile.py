@@ -8,9 +8,9 @@ Per compiled kernel the table shows shared memory (triton's metadata), registers
 run with -v on the PTX), which MMA instruction the dots lowered to (`wgmma` on sm_90, `mma` = mma.sync, `-` = none,
 e.g. fp32 dots at IEEE precision run on FMA units) and whether the code contains atomics.
 
-Registry: every module named in KERNEL_MODULES defines `compile_entries() -> list[KernelEntry]` (a new kernel
-module adds its name there). Entries are built on demand, so `import igpt_kernels` imports neither this module nor
-triton; triton is imported only by the functions that compile.
+Registry: `_compile_registry.entries()` lists a KernelEntry per kernel (a new kernel adds its entries there).
+Entries are built on demand, so `import igpt_kernels` imports neither this module nor triton; triton is imported only
+by the functions that compile.
 """
 from __future__ import annotations
 
@@ -85,19 +85,15 @@ class KernelEntry:
     uses_tensor_cores: Callable[[Mapping], bool] = lambda spec: False
 
 
-KERNEL_MODULES = ["igpt_kernels.attention", "igpt_kernels._decode_triton", "igpt_kernels.norm", "igpt_kernels.embedding"]
-
-
 def entries() -> dict[str, KernelEntry]:
-    """{kernel name: entry} of every kernel module in KERNEL_MODULES, in registration order."""
-    import importlib
+    """{kernel name: entry} of every registered kernel (_compile_registry.py), in registration order."""
+    from ._compile_registry import entries as registered  # it imports this module's dataclasses
 
     out = {}
-    for module_name in KERNEL_MODULES:
-        for entry in importlib.import_module(module_name).compile_entries():
-            if entry.name in out:
-                raise ValueError(f"two compile entries are named {entry.name!r}")
-            out[entry.name] = entry
+    for entry in registered():
+        if entry.name in out:
+            raise ValueError(f"two compile entries are named {entry.name!r}")
+        out[entry.name] = entry
     return out
 
 
@@ -131,42 +127,33 @@ class CompileResult:
         return self.shared_bytes <= SHARED_MEMORY_LIMIT[self.arch]
 
 
-def _case(entry: KernelEntry, arch: int, config: KernelConfig, spec: Mapping) -> CompileCase:
-    return CompileCase(entry.name, arch, config, tuple(spec.items()))
+def _cases(kernels, targets, per_target) -> list[CompileCase]:
+    """The cases of each selected kernel (all when `kernels` is empty) on each target, in registration order;
+    per_target(entry, arch) gives the (config, spec) pairs."""
+    out = []
+    for name, entry in entries().items():
+        if kernels and name not in kernels:
+            continue
+        for arch in targets:
+            out += [CompileCase(name, arch, cfg, tuple(spec.items())) for cfg, spec in per_target(entry, arch)]
+    return out
 
 
 def config_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """Every config of every kernel, on each target, at the config's representative specialisation."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            out += [_case(entry, arch, cfg, spec) for cfg, spec in entry.config_cases(arch)]
-    return out
+    return _cases(kernels, targets, lambda entry, arch: entry.config_cases(arch))
 
 
 def specialisation_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """Every specialisation of every kernel, on each target, at its first (default) config."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            out += [_case(entry, arch, entry.configs(arch, spec)[0], spec) for spec in entry.specialisations()]
-    return out
+    return _cases(kernels, targets,
+                  lambda entry, arch: [(entry.configs(arch, spec)[0], spec) for spec in entry.specialisations()])
 
 
 def full_cases(kernels: Sequence[str] | None = None, targets: Sequence[int] = TARGETS) -> list[CompileCase]:
     """The full product: every specialisation at every config the autotuner may pick for it."""
-    out = []
-    for name, entry in entries().items():
-        if kernels and name not in kernels:
-            continue
-        for arch in targets:
-            for spec in entry.specialisations():
-                out += [_case(entry, arch, cfg, spec) for cfg in entry.configs(arch, spec)]
-    return out
+    return _cases(kernels, targets, lambda entry, arch: [(cfg, spec) for spec in entry.specialisations()
+                                                         for cfg in entry.configs(arch, spec)])
 
 
 # ------------------------------------------------------------------------------------------------------------------

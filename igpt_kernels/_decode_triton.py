@@ -11,18 +11,15 @@ No autotuning: one config per (arch, dtype group, head dim) from `decode_config`
 `split_plan`, both pure functions of the shapes, so a decode step launches no benchmark and reads nothing back from
 the device (CUDA graphs can capture it).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _interpreter_compat
-from ._attention_triton import _M_INIT, _fwd_tile, _load_tile, _store_tile, block_d, config_table_arch
+from ._attention_triton import _M_INIT, _fwd_tile, _load_tile, _store_tile, block_d
+from ._dispatch import device_arch
 
 _interpreter_compat.apply()
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK_M = 16  # every query of a head (Nq <= 16) in one tile: the smallest M tl.dot accepts
 MAX_QUERIES = BLOCK_M
@@ -84,11 +81,12 @@ def sm_count(device):
 def launch_plan(q, n_k):
     """((BLOCK_N, num_warps, num_stages), splits, keys per split) for a decode call on q's device."""
     b, h, _, d = q.shape
-    if INTERPRET or q.device.type != "cuda":
+    arch = device_arch(q.device)
+    if arch is None:
         config = INTERPRET_CONFIG
         target = INTERPRET_SPLITS * b * h
     else:
-        config = decode_config(config_table_arch(torch.cuda.get_device_capability(q.device)), q.element_size(), d)
+        config = decode_config(arch, q.element_size(), d)
         target = WAVES * sm_count(q.device)
     return (config, *split_plan(b * h, n_k, config[0], target))
 
@@ -185,81 +183,3 @@ def attn_decode_combine_kernel(
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     _store_tile(o_ptrs, acc.to(O.dtype.element_ty), m_ok, d_ok, PAD_D)
     tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_ok)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_attention_decode_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-_ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-
-
-def _split_config(arch, spec):
-    from ._compile import KernelConfig
-
-    block_n, num_warps, num_stages = decode_config(arch, _ELEMENT_SIZE[spec["dtype"]], spec["head_dim"])
-    return KernelConfig((("BLOCK_M", BLOCK_M), ("BLOCK_N", block_n)), num_warps, num_stages)
-
-
-def _combine_config():
-    from ._compile import KernelConfig
-
-    return KernelConfig((("BLOCK_M", BLOCK_M),), COMBINE_WARPS, 1)
-
-
-def _split_arguments(spec, cfg):
-    from .attention import _shape_constexprs, _strides
-
-    ptr = "*" + spec["dtype"]
-    args = {"Q": ptr, "K": ptr, "V": ptr, "KEY_MASK": "*u8", "ACC": "*fp32", "M": "*fp32", "L": "*fp32"}
-    args.update(_strides("q", "m"), **_strides("k", "n"), **_strides("v", "n"))
-    # N_Q and N_K are not specialised (do_not_specialize); a split is a multiple of BLOCK_N >= 16 keys
-    args.update(stride_mb="i32", stride_mn=1, N_HEADS="i32", N_Q="i32", N_K="i32", KEYS_PER_SPLIT="i32:16",
-                qk_scale="fp32")
-    args.update(_shape_constexprs(spec), CAUSAL=spec["causal"], HAS_MASK=spec["key_mask"], **cfg.meta_dict())
-    return args
-
-
-def _combine_arguments(spec, cfg):
-    from .attention import _shape_constexprs, _strides
-
-    args = {"ACC": "*fp32", "M": "*fp32", "L": "*fp32", "O": "*" + spec["dtype"], "LSE": "*fp32"}
-    args.update(_strides("o", "m"), N_HEADS="i32", N_Q="i32", N_SPLITS="i32")
-    args.update(_shape_constexprs(spec), **cfg.meta_dict())
-    return args
-
-
-def compile_entries():
-    """Ahead-of-time compile entries of the split-KV decode kernels (see igpt_kernels._compile): one config per
-    (target, dtype group, head dim), so the config cases are the specialisations causal with a key mask."""
-    from . import _compile
-    from .attention import COMPILE_DTYPES, COMPILE_HEAD_DIMS
-
-    def split_specs():
-        return [{"dtype": dt, "head_dim": d, "causal": causal, "key_mask": mask} for dt in COMPILE_DTYPES
-                for d in COMPILE_HEAD_DIMS for causal in (False, True) for mask in (False, True)]
-
-    def split_cases(arch):
-        specs = [s for s in split_specs() if s["causal"] and s["key_mask"] and s["dtype"] != "bf16"]
-        return [(_split_config(arch, s), s) for s in specs]
-
-    combine_specs = [{"dtype": dt, "head_dim": d} for dt in COMPILE_DTYPES for d in COMPILE_HEAD_DIMS]
-    return [
-        _compile.KernelEntry(
-            name="attention.decode_split",
-            kernel=lambda: attn_decode_split_kernel,
-            arguments=_split_arguments,
-            configs=lambda arch, spec: [_split_config(arch, spec)],
-            config_cases=split_cases,
-            specialisations=split_specs,
-            mma_rows=lambda cfg: BLOCK_M,  # below wgmma's 64 rows: mma.sync on sm_90 too
-            uses_tensor_cores=lambda spec: spec["dtype"] in ("fp16", "bf16"),
-        ),
-        _compile.KernelEntry(
-            name="attention.decode_combine",
-            kernel=lambda: attn_decode_combine_kernel,
-            arguments=_combine_arguments,
-            configs=lambda arch, spec: [_combine_config()],
-            config_cases=lambda arch: [(_combine_config(), {"dtype": "fp32", "head_dim": 128})],
-            specialisations=lambda: combine_specs,
-        ),
-    ]

@@ -21,17 +21,14 @@ Backward, deterministic (no float atomics):
     segment of the sorted rows in a fixed order.
   * d wpe: program (token block, column block) sums dh over the batch in order; d sos is d wpe[p0] (the same sum).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _interpreter_compat
+from ._dispatch import INTERPRET, config_table_arch, device_arch
 
 _interpreter_compat.apply()
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if INTERPRET:
     @triton.jit
@@ -71,21 +68,9 @@ _META_NAMES = {"fwd": ("BLOCK_T", "BLOCK_V", "BLOCK_C"), "bwd_wte": ("BLOCK_R", 
 CONFIG_TABLES = {"fwd": FWD_CONFIGS, "bwd_wte": BWD_WTE_CONFIGS, "bwd_wpe": BWD_WPE_CONFIGS}
 
 
-def config_table_arch(capability_major_minor):
-    major, _ = capability_major_minor
-    return 90 if major == 9 else 80
-
-
 def meta_of(kind, entry):
     """({BLOCK_*: value}, num_warps) of one table entry."""
     return dict(zip(_META_NAMES[kind], entry[:-1])), entry[-1]
-
-
-def device_arch(device):
-    """The config table a launch on `device` uses (80 or 90); None under the interpreter or off CUDA."""
-    if INTERPRET or device.type != "cuda":
-        return None
-    return config_table_arch(torch.cuda.get_device_capability(device))
 
 
 def fixed_config(kind, arch):

@@ -12,16 +12,12 @@ dg is reduced without atomics: each backward program walks a fixed, strided set 
 dg in fp32 registers and writes it to row `pid` of a [programs, C] fp32 buffer; one torch sum over the programs then
 gives dg. For a fixed grid the summation order is fixed, so dg is bit-reproducible.
 """
-import os
-
 import triton
 import triton.language as tl
 
 from . import _interpreter_compat
 
 _interpreter_compat.apply()
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # num_warps per row width (BLOCK_C), per target. A row is one vector spread over the warps: wide rows need more
 # warps to stay under ~32 fp32 values per thread per live vector (the backward keeps h, dy, g and the dg partial).
@@ -43,11 +39,6 @@ INTERPRET_PROGRAMS = 3
 
 def block_c(n_cols):
     return max(MIN_BLOCK_C, triton.next_power_of_2(n_cols))
-
-
-def config_table_arch(capability_major_minor):
-    major, _ = capability_major_minor
-    return 90 if major == 9 else 80
 
 
 @triton.jit

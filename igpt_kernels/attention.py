@@ -2,7 +2,7 @@
 
     attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=False) -> out [B, H, Nq, D]
 
-Contract (DESIGN.md): q [B,H,Nq,D], k/v [B,H,Nk,D], Nq <= Nk; causal is aligned bottom-right (query i sees keys
+Contract (docs/DESIGN.md): q [B,H,Nq,D], k/v [B,H,Nk,D], Nq <= Nk; causal is aligned bottom-right (query i sees keys
 j <= i + Nk - Nq, as FlashAttention >= 2.1, so KV-cache decode needs no special case); key_mask [B,Nk] bool,
 True = attend, combinable with causal; a query row with no key to attend gives 0 and zero gradients (no NaN);
 fp16, bf16 and fp32 (fp32 dots at IEEE precision, no TF32). sm_scale defaults to 1/sqrt(D).
@@ -35,7 +35,7 @@ import math
 import torch
 
 from ._custom_ops import custom_op
-from ._dispatch import TritonDispatch
+from ._dispatch import TritonDispatch, cdiv
 from .reference import attention_reference
 
 __all__ = ["attention", "launch_counts", "MAX_HEAD_DIM", "MAX_DECODE_QUERIES", "SUPPORTED_DTYPES"]
@@ -46,7 +46,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # that keeps the MMA efficient (see `python -m igpt_kernels._compile`).
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_PREPROCESS_BLOCK_M = 32  # delta = rowsum(dO * O) is memory bound; 64 rows spill at D=96 in fp16 (sm_90)
 
 MAX_DECODE_QUERIES = 16  # the split-KV decode path holds all queries of a head in one 16-row tile
 
@@ -128,10 +127,6 @@ def _check_inputs(q, k, v, causal, key_mask, sm_scale, deterministic) -> float:
 # ------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _tune_bucket(n: int) -> int:
     # Autotune per power-of-two length bucket: decode grows Nk by one per step and must not re-tune every step.
     return 1 << max(0, n - 1).bit_length()
@@ -159,7 +154,7 @@ def _forward(q, k, v, key_mask, causal, sm_scale, deterministic=False):
     mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
 
     def grid(meta):
-        return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
+        return (cdiv(n_q, meta["BLOCK_M"]), h, b)
 
     kernel, fixed = tk.launcher("fwd", deterministic, q.device, d, q.element_size())
     kernel[grid](
@@ -180,8 +175,8 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     mask, stride_mb, stride_mn = _key_mask_args(key_mask, q)
 
     delta = torch.empty_like(lse)
-    tk.attn_bwd_preprocess_kernel[(_cdiv(n_q, _PREPROCESS_BLOCK_M), h, b)](
-        o, do, delta, *o.stride(), *do.stride(), h, n_q, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_PREPROCESS_BLOCK_M,
+    tk.attn_bwd_preprocess_kernel[(cdiv(n_q, tk.PREPROCESS_BLOCK_M), h, b)](
+        o, do, delta, *o.stride(), *do.stride(), h, n_q, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=tk.PREPROCESS_BLOCK_M,
     )
     launch_counts["attn_bwd_preprocess"] += 1
 
@@ -196,7 +191,7 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     flags = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, HAS_MASK=key_mask is not None)
 
     def grid_keys(meta):
-        return (_cdiv(n_k, meta["BLOCK_N"]), h, b)
+        return (cdiv(n_k, meta["BLOCK_N"]), h, b)
 
     kernel, fixed = tk.launcher("dkdv", deterministic, q.device, d, q.element_size())
     kernel[grid_keys](q, k, v, mask, do, lse, delta, dk, dv, dq_acc, *common,
@@ -209,7 +204,7 @@ def _backward(do, q, k, v, o, lse, key_mask, causal, sm_scale, deterministic):
     dq = torch.empty((b, h, n_q, d), dtype=q.dtype, device=q.device)
 
     def grid_queries(meta):
-        return (_cdiv(n_q, meta["BLOCK_M"]), h, b)
+        return (cdiv(n_q, meta["BLOCK_M"]), h, b)
 
     kernel, fixed = tk.launcher("dq", deterministic, q.device, d, q.element_size())
     kernel[grid_queries](q, k, v, mask, do, lse, delta, dq, *common, **flags, **fixed)
@@ -289,8 +284,7 @@ def _decode_forward(q, k, v, key_mask, causal, sm_scale):
         BLOCK_M=tk.BLOCK_M, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     launch_counts["attn_decode_split"] += 1
-    # [B, Nq, H, D] memory seen as [B, H, Nq, D]: the output projection reads it as [B, Nq, H*D] without a copy
-    o = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = _new_output(q)
     lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     tk.attn_decode_combine_kernel[(h, b)](
         acc, m, l, o, lse, *o.stride(), h, n_q, n_splits,
@@ -308,8 +302,7 @@ def _attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mas
 
 
 def _attention_decode_fake(q, k, v, key_mask, causal, sm_scale):
-    b, h, n_q, d = q.shape
-    return q.new_empty((b, n_q, h, d)).transpose(1, 2), q.new_empty((b, h, n_q), dtype=torch.float32)
+    return _attention_fwd_fake(q, k, v, key_mask, causal, sm_scale, False)
 
 
 attention_decode = custom_op("attention_decode", _attention_decode, fake=_attention_decode_fake)
@@ -347,165 +340,3 @@ def attention(q, k, v, *, causal, key_mask=None, sm_scale=None, deterministic=Fa
     if decode:
         return attention_decode(q, k, v, key_mask, causal, sm_scale)[0]
     return attention_fwd(q, k, v, key_mask, causal, sm_scale, deterministic)[0]
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_attention_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-_TRITON_DTYPES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
-_ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-COMPILE_HEAD_DIMS = (16, 32, 64, 96, 128)
-COMPILE_DTYPES = ("fp16", "bf16", "fp32")
-
-
-def _strides(prefix, row):
-    # Strides as the JIT specialises them for contiguous-in-D tensors with D a multiple of 16: stride_d == 1 becomes
-    # a constexpr (vectorised loads), the others are known to be divisible by 16.
-    return {f"stride_{prefix}b": "i32:16", f"stride_{prefix}h": "i32:16", f"stride_{prefix}{row}": "i32:16",
-            f"stride_{prefix}d": 1}
-
-
-def _shape_constexprs(spec):
-    d = spec["head_dim"]
-    return {"HEAD_DIM": d, "BLOCK_D": max(16, 1 << (d - 1).bit_length())}
-
-
-def _main_arguments(spec, cfg, pointers):
-    ptr = "*" + _TRITON_DTYPES[spec["dtype"]]
-    args = {name: (ptr if kind == "data" else kind) for name, kind in pointers.items()}
-    args.update(_strides("q", "m"), **_strides("k", "n"), **_strides("v", "n"))
-    args.update(stride_mb="i32", stride_mn=1, N_HEADS="i32", N_Q="i32", N_K="i32", qk_scale="fp32",
-                sm_scale="fp32", TUNE_N_Q="i32", TUNE_N_K="i32")
-    args.update(_shape_constexprs(spec), CAUSAL=spec["causal"], HAS_MASK=spec["key_mask"], **cfg.meta_dict())
-    return args
-
-
-def _fwd_arguments(spec, cfg):
-    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "O": "data",
-                                       "LSE": "*fp32"})
-    args.update(_strides("o", "m"))
-    return args
-
-
-def _dkdv_arguments(spec, cfg):
-    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "DO": "data",
-                                       "LSE": "*fp32", "DELTA": "*fp32", "DK": "data", "DV": "data",
-                                       "DQ_ACC": "*fp32"})
-    args.update(_strides("do", "m"), ATOMIC_DQ=spec["atomic_dq"])
-    return args
-
-
-def _dq_arguments(spec, cfg):
-    args = _main_arguments(spec, cfg, {"Q": "data", "K": "data", "V": "data", "KEY_MASK": "*u8", "DO": "data",
-                                       "LSE": "*fp32", "DELTA": "*fp32", "DQ": "data"})
-    args.update(_strides("do", "m"))
-    return args
-
-
-def _preprocess_arguments(spec, cfg):
-    ptr = "*" + _TRITON_DTYPES[spec["dtype"]]
-    args = {"O": ptr, "DO": ptr, "DELTA": "*fp32", "N_HEADS": "i32", "N_Q": "i32"}
-    args.update(_strides("o", "m"), **_strides("do", "m"), **_shape_constexprs(spec), **cfg.meta_dict())
-    return args
-
-
-def _kernel_configs(kind, arch, spec):
-
-    tk = _kernels()
-    group = tk.tile_group(spec["head_dim"], _ELEMENT_SIZE[spec["dtype"]])
-    return [_kernel_config(tk, entry) for entry in tk.CONFIG_TABLES[kind][arch][group]]
-
-
-def _kernel_config(tk, entry):
-    from ._compile import KernelConfig
-
-    bm, bn, w, s, maxnreg = tk.unpack_entry(entry)
-    return KernelConfig((("BLOCK_M", bm), ("BLOCK_N", bn)), w, s, maxnreg)
-
-
-# Each config group is compiled at its widest head dim, causal with a key mask.
-_REPRESENTATIVE = {"d64": ("fp16", 64), "d128": ("fp16", 128), "fp32": ("fp32", 128)}
-
-
-def _config_cases(kind, extra):
-    def cases(arch):
-
-        tk = _kernels()
-        out = []
-        for group, table in tk.CONFIG_TABLES[kind][arch].items():
-            dtype, head_dim = _REPRESENTATIVE[group]
-            spec = {"dtype": dtype, "head_dim": head_dim, "causal": True, "key_mask": True, **extra}
-            out += [(_kernel_config(tk, entry), spec) for entry in table]
-        return out
-    return cases
-
-
-def _specialisations(extra_axes=()):
-    def specs():
-        out = []
-        for dtype in COMPILE_DTYPES:
-            for head_dim in COMPILE_HEAD_DIMS:
-                for causal in (False, True):
-                    for key_mask in (False, True):
-                        base = {"dtype": dtype, "head_dim": head_dim, "causal": causal, "key_mask": key_mask}
-                        if not extra_axes:
-                            out.append(base)
-                        for name, values in extra_axes:
-                            out += [{**base, name: value} for value in values]
-        return out
-    return specs
-
-
-def _meta(cfg, name):
-    return cfg.meta_dict()[name]
-
-
-def _tensor_cores(spec):
-    return spec["dtype"] in ("fp16", "bf16")
-
-
-def compile_entries():
-    """Ahead-of-time compile entries of the attention kernels (see igpt_kernels._compile)."""
-    from . import _compile
-
-    preprocess_config = _compile.KernelConfig((("BLOCK_M", _PREPROCESS_BLOCK_M),), 4, 1)
-    return [
-        _compile.KernelEntry(
-            name="attention.fwd",
-            kernel=lambda: _kernels().attn_fwd_kernel,
-            arguments=_fwd_arguments,
-            configs=lambda arch, spec: _kernel_configs("fwd", arch, spec),
-            config_cases=_config_cases("fwd", {}),
-            specialisations=_specialisations(),
-            mma_rows=lambda cfg: _meta(cfg, "BLOCK_M"),
-            uses_tensor_cores=_tensor_cores,
-        ),
-        _compile.KernelEntry(
-            name="attention.bwd_dkdv",
-            kernel=lambda: _kernels().attn_bwd_dkdv_kernel,
-            arguments=_dkdv_arguments,
-            configs=lambda arch, spec: _kernel_configs("dkdv", arch, spec),
-            config_cases=_config_cases("dkdv", {"atomic_dq": True}),
-            specialisations=_specialisations((("atomic_dq", (False, True)),)),
-            mma_rows=lambda cfg: _meta(cfg, "BLOCK_N"),  # the program's keys are the M operand
-            uses_tensor_cores=_tensor_cores,
-        ),
-        _compile.KernelEntry(
-            name="attention.bwd_dq",
-            kernel=lambda: _kernels().attn_bwd_dq_kernel,
-            arguments=_dq_arguments,
-            configs=lambda arch, spec: _kernel_configs("dq", arch, spec),
-            config_cases=_config_cases("dq", {}),
-            specialisations=_specialisations(),
-            mma_rows=lambda cfg: _meta(cfg, "BLOCK_M"),
-            uses_tensor_cores=_tensor_cores,
-        ),
-        _compile.KernelEntry(
-            name="attention.bwd_preprocess",
-            kernel=lambda: _kernels().attn_bwd_preprocess_kernel,
-            arguments=_preprocess_arguments,
-            configs=lambda arch, spec: [preprocess_config],
-            config_cases=lambda arch: [(preprocess_config, {"dtype": "fp32", "head_dim": 128})],
-            specialisations=lambda: [{"dtype": dt, "head_dim": d} for dt in COMPILE_DTYPES for d in COMPILE_HEAD_DIMS],
-        ),
-    ]

@@ -3,7 +3,7 @@
     palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0, check_range=True)
         -> (h, ids)
 
-Contract (DESIGN.md): x is uint8 RGB [B,N,3] (quantized against `centres` [V,3] fp32 in [-1,1], V = wte rows) or
+Contract (docs/DESIGN.md): x is uint8 RGB [B,N,3] (quantized against `centres` [V,3] fp32 in [-1,1], V = wte rows) or
 int64 ids [B,N] (then `centres` is not used); ids = the (unshifted) token ids, int64 [B,N]. With p0 = pos_offset:
   AR   (sos [C] given):                  h[:,0] = sos + wpe[p0];  h[:,t] = wte[ids[:,t-1]] + wpe[p0+t]
   BERT (bert_mask [B,N] bool, True = masked): h[:,t] = (0 if masked else wte[ids[:,t]]) + wpe[p0+t]
@@ -28,7 +28,7 @@ import collections
 import torch
 
 from ._custom_ops import custom_op
-from ._dispatch import TritonDispatch
+from ._dispatch import TritonDispatch, cdiv
 from .reference import palette_embedding_reference, pixel_to_unit_table
 
 __all__ = ["palette_embedding", "launch_counts", "SUPPORTED_DTYPES"]
@@ -149,10 +149,6 @@ def _check_inputs(x, wte, wpe, centres, sos, bert_mask, pos_offset, check_range=
 # ------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------------------------
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _forward(x, wte, wpe, centres, sos, bert_mask, pos_offset):
     tk = _kernels()
     from_pixels = x.dtype == torch.uint8
@@ -172,7 +168,7 @@ def _forward(x, wte, wpe, centres, sos, bert_mask, pos_offset):
     sm = bert_mask.stride() if bert_mask is not None else (0, 0)
 
     def grid(meta):
-        return (_cdiv(n, meta["BLOCK_T"]), b)
+        return (cdiv(n, meta["BLOCK_T"]), b)
 
     tk.embed_fwd[grid](
         pixels, _pixel_table(x.device), centres, ids_in, mask, wte, wpe, sos if sos is not None else wpe, h, ids,
@@ -208,13 +204,13 @@ def _backward(dh, ids, bert_mask, ar, wte_shape, wpe_shape, dtype, pos_offset, n
         starts, counts = bounds[:-1].contiguous(), (bounds[1:] - bounds[:-1]).contiguous()
         dwte = torch.empty(wte_shape, dtype=dtype, device=dh.device)
         kernel, fixed = tk.bwd_wte_launcher(torch.are_deterministic_algorithms_enabled(), dh.device)
-        kernel[lambda meta: (n_vocab, _cdiv(n_embd, meta["BLOCK_C"]))](
+        kernel[lambda meta: (n_vocab, cdiv(n_embd, meta["BLOCK_C"]))](
             dh, order, starts, counts, dwte, dwte.stride(0), n_embd, **fixed,
         )
         launch_counts["embed_bwd_wte"] += 1
     if need_wpe:
         dwpe = torch.zeros(wpe_shape, dtype=dtype, device=dh.device)  # positions outside the window get 0
-        tk.embed_bwd_wpe[lambda meta: (_cdiv(n, meta["BLOCK_T"]), _cdiv(n_embd, meta["BLOCK_C"]))](
+        tk.embed_bwd_wpe[lambda meta: (cdiv(n, meta["BLOCK_T"]), cdiv(n_embd, meta["BLOCK_C"]))](
             dh, dwpe, dwpe.stride(0), b, n, n_embd, pos_offset,
         )
         launch_counts["embed_bwd_wpe"] += 1
@@ -296,73 +292,3 @@ def palette_embedding(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, po
                                            pos_offset=pos_offset)
     h, ids = palette_embedding_fwd(x, wte, wpe, centres, sos, bert_mask, pos_offset)
     return h, (x if x.dtype == torch.int64 else ids)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_norm_embedding_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-COMPILE_DTYPES = ("fp16", "bf16", "fp32")
-# (from_pixels, ar, bert): pixels or ids x AR / BERT / neither.
-COMPILE_MODES = tuple((px, ar, bert) for px in (True, False) for ar, bert in ((True, False), (False, True),
-                                                                               (False, False)))
-
-
-def _config(kind, entry):
-    from ._compile import KernelConfig
-
-    meta, warps = _kernels().meta_of(kind, entry)
-    return KernelConfig(tuple(meta.items()), warps, 1)
-
-
-def _fwd_arguments(spec, cfg):
-    ptr = "*" + spec["dtype"]
-    return {"X": "*u8", "TABLE": "*fp32", "CENTRES": "*fp32", "IDS_IN": "*i64", "BERT_MASK": "*u8",
-            "WTE": ptr, "WPE": ptr, "SOS": ptr, "H": ptr, "IDS_OUT": "*i64",
-            "stride_xb": "i32", "stride_xn": "i32", "stride_xc": 1, "stride_ib": "i32", "stride_in": 1,
-            "stride_mb": "i32", "stride_mn": 1, "stride_wte": "i32:16", "stride_wpe": "i32:16",
-            "N": "i32", "V": "i32", "C": "i32:16", "pos_offset": "i32",
-            "FROM_PIXELS": spec["from_pixels"], "AR": spec["ar"], "BERT": spec["bert"], **cfg.meta_dict()}
-
-
-def _bwd_wte_arguments(spec, cfg):
-    ptr = "*" + spec["dtype"]
-    return {"DH": ptr, "ORDER": "*i64", "STARTS": "*i64", "COUNTS": "*i64", "DWTE": ptr,
-            "stride_dwte": "i32:16", "C": "i32:16", **cfg.meta_dict()}
-
-
-def _bwd_wpe_arguments(spec, cfg):
-    ptr = "*" + spec["dtype"]
-    return {"DH": ptr, "DWPE": ptr, "stride_dwpe": "i32:16", "B": "i32", "N": "i32", "C": "i32:16",
-            "pos_offset": "i32", **cfg.meta_dict()}
-
-
-def _entry(name, kind, arguments, specialisations, representative):
-    from . import _compile
-
-    def configs(arch, spec):
-        return [_config(kind, e) for e in _kernels().CONFIG_TABLES[kind][arch]]
-
-    def config_cases(arch):
-        return [(cfg, representative) for cfg in configs(arch, representative)]
-
-    return _compile.KernelEntry(name=name, kernel=lambda: getattr(_kernels(), f"embed_{kind}_kernel"),
-                                arguments=arguments, configs=configs, config_cases=config_cases,
-                                specialisations=specialisations)
-
-
-def compile_entries():
-    """Ahead-of-time compile entries of the embedding kernels (see igpt_kernels._compile)."""
-    def fwd_specs():
-        return [{"dtype": dt, "from_pixels": px, "ar": ar, "bert": bert}
-                for dt in COMPILE_DTYPES for px, ar, bert in COMPILE_MODES]
-
-    def bwd_specs():
-        return [{"dtype": dt} for dt in COMPILE_DTYPES]
-
-    # Configs are compiled at the heaviest forward (pixels, BERT mask, fp32) and fp32 gradients.
-    fwd_rep = {"dtype": "fp32", "from_pixels": True, "ar": False, "bert": True}
-    return [
-        _entry("embedding.fwd", "fwd", _fwd_arguments, fwd_specs, fwd_rep),
-        _entry("embedding.bwd_wte", "bwd_wte", _bwd_wte_arguments, bwd_specs, {"dtype": "fp32"}),
-        _entry("embedding.bwd_wpe", "bwd_wpe", _bwd_wpe_arguments, bwd_specs, {"dtype": "fp32"}),
-    ]

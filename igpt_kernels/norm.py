@@ -3,9 +3,10 @@
     norm(x, weight, eps=1e-5, residual=None) -> y                        y = x * rsqrt(mean(x^2) + eps) * weight
     norm(x, weight, eps, residual=r)         -> (y, h)   with h = x + r, y = norm(h)
 
-Contract (DESIGN.md): x [..., C], weight [C], residual shaped like x; fp16, bf16 and fp32 storage, fp32 math. y and h
-have x's dtype; gradients flow to x, weight and residual (d residual = dx). Fusing the residual add saves a full
-read and write of the activation per block: the pre-norm block computes `h = h + f(...)` and `norm(h)` in one pass.
+Contract (docs/DESIGN.md): x [..., C], weight [C], residual shaped like x; fp16, bf16 and fp32 storage, fp32 math.
+y and h have x's dtype; gradients flow to x, weight and residual (d residual = dx). Fusing the residual add saves a
+full read and write of the activation per block: the pre-norm block computes `h = h + f(...)` and `norm(h)` in one
+pass.
 
 Dispatch: CUDA tensors run the Triton kernels (in _norm_triton.py, imported on first use); CPU tensors run the torch
 reference (reference.py), except under TRITON_INTERPRET=1, where the Triton kernels run through the interpreter.
@@ -23,7 +24,7 @@ import math
 import torch
 
 from ._custom_ops import custom_op
-from ._dispatch import TritonDispatch
+from ._dispatch import TritonDispatch, device_arch
 from .reference import norm_reference
 
 __all__ = ["norm", "launch_counts", "MAX_COLS", "SUPPORTED_DTYPES"]
@@ -87,10 +88,8 @@ def _rows(t):
 
 
 def _num_warps(bc, device):
-    tk = _kernels()
-    if device.type != "cuda":
-        return 4  # the interpreter ignores it
-    return tk.NUM_WARPS[tk.config_table_arch(torch.cuda.get_device_capability(device))][bc]
+    arch = device_arch(device)
+    return 4 if arch is None else _kernels().NUM_WARPS[arch][bc]  # the interpreter ignores num_warps
 
 
 def _backward_programs(n_rows, device):
@@ -214,58 +213,3 @@ def norm(x, weight, eps=1e-5, residual=None):
         return norm_reference(x, weight, eps, residual)
     y, h, _ = norm_fwd(x, weight.contiguous(), residual, eps)
     return y if residual is None else (y, h)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile registry (python -m igpt_kernels._compile; tests/test_norm_embedding_compile.py)
-# ------------------------------------------------------------------------------------------------------------------
-COMPILE_DTYPES = ("fp16", "bf16", "fp32")
-# The widths iGPT uses (tiny 256 / s 512 / m 1024 / l 1536 / xl 3072) land in these buckets.
-COMPILE_BLOCK_C = (256, 512, 1024, 2048, 4096)
-
-
-def _fwd_arguments(spec, cfg):
-    ptr = "*" + spec["dtype"]
-    return {"X": ptr, "R": ptr, "W": ptr, "Y": ptr, "H": ptr, "RSTD": "*fp32",
-            "stride_x": "i32:16", "stride_r": "i32:16", "stride_y": "i32:16", "stride_h": "i32:16",
-            "N_COLS": "i32", "eps": "fp32", "HAS_RESIDUAL": spec["residual"], **cfg.meta_dict()}
-
-
-def _bwd_arguments(spec, cfg):
-    ptr = "*" + spec["dtype"]
-    return {"DY": ptr, "DH_OUT": ptr, "H": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr, "DR": ptr,
-            "DG_PARTIAL": "*fp32", "stride_dy": "i32:16", "stride_dho": "i32:16", "stride_h": "i32:16",
-            "stride_dx": "i32:16", "stride_dr": "i32:16", "N_ROWS": "i32", "N_COLS": "i32",
-            "HAS_DH_OUT": spec["residual"], "HAS_RESIDUAL": spec["residual"], **cfg.meta_dict()}
-
-
-def _config(arch, bc):
-    from ._compile import KernelConfig
-
-    return KernelConfig((("BLOCK_C", bc),), _kernels().NUM_WARPS[arch][bc], 1)
-
-
-def _config_cases(arch):
-    # Every row-width bucket of the table, at the heaviest specialisation (fp32, fused residual).
-    return [(_config(arch, bc), {"dtype": "fp32", "residual": True, "block_c": bc})
-            for bc in _kernels().NUM_WARPS[arch]]
-
-
-def _specialisations():
-    return [{"dtype": dt, "residual": res, "block_c": bc}
-            for dt in COMPILE_DTYPES for res in (False, True) for bc in COMPILE_BLOCK_C]
-
-
-def compile_entries():
-    """Ahead-of-time compile entries of the norm kernels (see igpt_kernels._compile)."""
-    from . import _compile
-
-    def configs(arch, spec):
-        return [_config(arch, spec["block_c"])]
-
-    return [
-        _compile.KernelEntry(name="norm.fwd", kernel=lambda: _kernels().norm_fwd_kernel, arguments=_fwd_arguments,
-                             configs=configs, config_cases=_config_cases, specialisations=_specialisations),
-        _compile.KernelEntry(name="norm.bwd", kernel=lambda: _kernels().norm_bwd_kernel, arguments=_bwd_arguments,
-                             configs=configs, config_cases=_config_cases, specialisations=_specialisations),
-    ]

@@ -2,7 +2,7 @@
 
 Each op gets one section. References are written for clarity and exactness, not speed: they run in any floating
 dtype (float64 included, for the test oracle), are differentiable by autograd, and follow the same contracts as the
-fused entry points (see DESIGN.md). Input validation lives in the fused entry points, not here.
+fused entry points (see docs/DESIGN.md). Input validation lives in the fused entry points, not here.
 """
 import math
 
@@ -101,7 +101,7 @@ def quantize_reference(pixels, centres):
 
 
 def palette_embedding_reference(x, wte, wpe, *, centres=None, sos=None, bert_mask=None, pos_offset=0):
-    """(h [B,N,C] in wte's dtype, ids int64 [B,N]) of the palette embedding (contract in DESIGN.md).
+    """(h [B,N,C] in wte's dtype, ids int64 [B,N]) of the palette embedding (contract in docs/DESIGN.md).
 
     x: uint8 RGB [B,N,3] (quantized with `centres` [V,3]) or int64 ids [B,N].
     AR (sos [C]): h[:,0] = sos + wpe[p0], h[:,t] = wte[ids[:,t-1]] + wpe[p0+t];
