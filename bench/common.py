@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from igpt import Decoder, IGPTConfig
-from igpt.model import onednn_linear, onednn_supports
+from igpt.cpu import apply_cpu_speedups, onednn_linear, onednn_supports
 from igpt.convert import hf_config_kwargs, hf_input_ids, to_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ def build_pair(cfg: IGPTConfig, seed: int = 0):
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
     torch.manual_seed(seed)
-    ours = Decoder(cfg)
+    ours = apply_cpu_speedups(Decoder(cfg))
     with torch.no_grad():
         ours.lm_head.weight.normal_(std=0.02)
         for name, p in ours.named_parameters():

@@ -6,7 +6,7 @@ Memory bound: the measure is GB/s under the byte model below (the op's minimum t
 and its percentage of the measured device copy bandwidth. Correctness first: on the first batch rows of each size,
 every contender's h (and gradients) must agree with the float64 reference (max error <= 2 x plain torch's + atol),
 the ids from pixels must equal the exact quantize rule bit for bit, and the eager contender must equal
-`Decoder._embed_input` exactly; otherwise the script exits non-zero before timing. Pixels are uniformly random, so
+`Decoder.embed_input` exactly; otherwise the script exits non-zero before timing. Pixels are uniformly random, so
 nearly every colour is distinct (Palette.quantize de-duplicates colours; real images have fewer). On a CPU-only machine
 the script runs with a banner: 'ours' is then the CPU reference path, not the Triton kernel.
 
@@ -78,7 +78,7 @@ def bytes_moved(b: int, n: int, c: int, elem: int, pixels: bool, ar: bool, pass_
 
 def eager_embedding(x, wte, wpe, sos, bert_mask, palette):
     """The eager `Decoder` input path on given weights: Palette.quantize for pixels, then the ops of Decoder.embed
-    (checked against Decoder._embed_input bit for bit in check_case)."""
+    (checked against Decoder.embed_input bit for bit in check_case)."""
     ids = palette.quantize(x) if x.dtype == torch.uint8 else x
     pos = wpe[:ids.shape[1]]
     if sos is not None:
@@ -138,9 +138,9 @@ def check_case(args, res: int, c: int, pixels: bool, ar: bool, backward: bool) -
                            "sos": sos if ar else model.sos.detach()})
     model.to(args.device, DTYPES[args.dtype]).attach_palette(palette)
     with torch.no_grad():
-        decoder_h = model._embed_input(None if pixels else x, x if pixels else None, bert_mask)[0]
+        decoder_h = model.embed_input(None if pixels else x, x if pixels else None, bert_mask)[0]
         if not torch.equal(eager_embedding(x, wte, wpe, sos, bert_mask, palette), decoder_h):
-            raise CorrectnessError(f"{case}: the eager contender differs from Decoder._embed_input")
+            raise CorrectnessError(f"{case}: the eager contender differs from Decoder.embed_input")
 
     wrt = (1, 2, 3) if ar else (1, 2)
     grads = [dh] if backward else None
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
                  f"device copy bandwidth: {copy_bw / 1e9:.1f} GB/s (x.clone() of {args.copy_mib} MiB: read + write)")
     print(f"correctness: before timing, h{' and the gradients' if backward else ''} of every contender on "
           f"{CHECK_BATCH} batch rows agree with the float64 reference (max error <= 2 x plain torch's + atol); ids "
-          "from pixels equal the exact quantize rule; the eager contender equals Decoder._embed_input\n")
+          "from pixels equal the exact quantize rule; the eager contender equals Decoder.embed_input\n")
     print(table(rows))
     for note in notes:
         print(f"not run: {note}")

@@ -9,7 +9,7 @@ For each precision (fp32, and bf16 autocast where the CPU has native bf16) both 
     necessary matmul FLOPs (the causal half of the scores) at that peak, with norms, softmax and optimizer free. No
     implementation beats HF by more here; when HF already runs near the peak, the ceiling is low.
 Ours is compiled by default: the training step runs `torch.compile(Decoder.loss)` and sampling runs
-`Decoder.generate` after `Decoder.compile_sampler()` (the decode step compiled with the weights frozen into the graph,
+`igpt.sampling.compile_sampler(model).generate` (the decode step compiled with the weights frozen into the graph,
 recompiled in each precision since training moved the weights); `--no-compile` runs both eager. HF runs eager, as
 shipped. Compiling happens in the first calls, which are timed separately and never counted in the timed steps.
 Correctness first: fp32 logits must agree to 1e-4 and the two losses must agree in every precision, or the script
@@ -33,6 +33,7 @@ from common import (FLOP_MODEL, LOSS_RTOL, CorrectnessError, autocast, build_pai
                     matmul_peak, medians, parse_args, random_ids, resolve_precisions, save_results,
                     time_interleaved, train_flops, train_step_fn, warn_if_busy)
 from igpt.convert import to_hf
+from igpt.sampling import Sampler, compile_sampler
 
 FULL = dict(layers=8, width=256, heads=8, batch=4, resolution=32, steps=3, warmup=1, sample_tokens=256,
             sample_repeat=3, matmul_size=4096)
@@ -48,7 +49,7 @@ def cli(argv=None):
     p.add_argument("--sample-repeat", type=int, help="timed sampling runs after a short warm-up (median)")
     p.add_argument("--matmul-size", type=int, help="n of the n x n x n matmul that measures the peak")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="our training loss under torch.compile and our sampler through Decoder.compile_sampler(); "
+                   help="our training loss under torch.compile and our sampler through igpt.sampling.compile_sampler; "
                    "default on, off under --quick")
     args = parse_args(p, argv, FULL, QUICK)
     if args.compile is None:
@@ -81,10 +82,11 @@ def check_losses(ours: Ours, hf, ids, precision: str) -> tuple[float, float]:
 
 class Ours:
     """Our side of the comparison: `Decoder.loss` eager or under `torch.compile` for the training step, and
-    `Decoder.generate`, eager or after `compile_sampler()`, for sampling."""
+    `Sampler(model).generate` (what `Decoder.generate` runs) or `compile_sampler(model).generate` for sampling."""
 
     def __init__(self, model, compiled: bool):
         self.model, self.compiled = model, compiled
+        self.sampler = Sampler(model)
         loss = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
         self.loss = lambda _, ids: loss(ids)  # train_step_fn's loss_fn(model, ids)
 
@@ -92,13 +94,13 @@ class Ours:
         if not self.compiled:
             return "ours: eager Decoder (loss and generate as written; --compile compiles both)"
         return ("ours: torch.compile(Decoder.loss, fullgraph=True) in the training step (inductor), "
-                "Decoder.generate after Decoder.compile_sampler() (decode step compiled, weights frozen) for sampling; "
+                "igpt.sampling.compile_sampler(model).generate (decode step compiled, weights frozen) for sampling; "
                 "HF: eager")
 
     def prepare_sampling(self) -> None:
         """A compiled sampler freezes the weights it first runs with: compile it anew for the current weights."""
         if self.compiled:
-            self.model.compile_sampler()
+            self.sampler = compile_sampler(self.model)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
@@ -132,7 +134,7 @@ def check_samplers(ours: Ours, hf, ids, seed: int) -> float:
     prompt. It also warms the samplers up. Returns the seconds of our first call."""
     N = ours.model.cfg.n_ctx
     prompt = ids[:, :N - min(CHECK_TOKENS, N)]
-    sample_ours, sample_hf = sample_fns(ours.model, hf, prompt, N - prompt.shape[1], seed)
+    sample_ours, sample_hf = sample_fns(ours.sampler, hf, prompt, N - prompt.shape[1], seed)
     a, first_s = call_timed(sample_ours)
     b = sample_hf()
     P = prompt.shape[1]
@@ -153,7 +155,7 @@ def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: st
     N, S = cfg.n_ctx, args.sample_tokens
     ours.model.eval(), hf.eval()
     ours.prepare_sampling()
-    sample_ours, sample_hf = sample_fns(ours.model, hf, ids[:, :N - S], S, args.seed)
+    sample_ours, sample_hf = sample_fns(ours.sampler, hf, ids[:, :N - S], S, args.seed)
     log(f"{precision}: losses agree; sampling {S} tokens x {args.batch} images, {args.sample_repeat} runs each")
     with autocast(precision):
         sample_first_s = check_samplers(ours, hf, ids, args.seed)

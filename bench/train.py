@@ -26,6 +26,7 @@ from common import (LOSS_RTOL, CorrectnessError, autocast, cpu_bf16_flags, env_i
                     warn_if_busy)
 from igpt import Decoder, FusedDecoder, IGPTConfig
 from igpt.config import PRESETS
+from igpt.cpu import apply_cpu_speedups
 from igpt.model import random_bert_mask
 
 GPU = dict(preset="s", resolution=32, batch=16, precision="bf16", matmul_size=0)
@@ -144,6 +145,8 @@ def variants(args, cfg: IGPTConfig, state: dict, apply_ac) -> dict:
                 with torch.no_grad():
                     model.blocks[0].mlp.fc.weight[0, 0] += 1.0
             model.to(args.device)
+            if model.wte.weight.device.type == "cpu":
+                apply_cpu_speedups(model)
             apply_ac(model, mode)
             out[f"{labels[kind]}, AC {mode}"] = model
     return out

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from igpt.model import Decoder, inference_linears
+from igpt.cpu import apply_cpu_speedups, inference_linears
+from igpt.model import Decoder
 from igpt.train import pick_precision
 
 L2_SWEEP = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -152,7 +153,7 @@ def finetune(model: Decoder, x_train, y_train, x_test, y_test, n_classes: int, s
 
     cfg = dataclasses.replace(model.cfg, n_classes=n_classes)
     device = model.wte.weight.device
-    clf = Decoder(cfg).to(device).attach_palette(model.palette)
+    clf = apply_cpu_speedups(Decoder(cfg).to(device).attach_palette(model.palette))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("clf_head.")}
     state.update({k: v for k, v in clf.state_dict().items() if k.startswith("clf_head.")})
     clf.load_state_dict(state)
@@ -287,7 +288,7 @@ def main(argv=None):
 
     from igpt.sample import load_checkpoint
 
-    model = load_checkpoint(args.checkpoint)
+    model = apply_cpu_speedups(load_checkpoint(args.checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     amp_dtype = pick_precision(args.precision, device)
@@ -322,7 +323,7 @@ def main(argv=None):
     baseline = None
     if args.compare_random_init:
         torch.manual_seed(args.seed)
-        random_model = Decoder(model.cfg).to(device).attach_palette(model.palette)
+        random_model = apply_cpu_speedups(Decoder(model.cfg).to(device).attach_palette(model.palette))
         baseline = run(random_model, "random init")
         result["random_init"] = baseline
     print(format_table(result, baseline))

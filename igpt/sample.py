@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from igpt.cpu import apply_cpu_speedups
 from igpt.model import Decoder
+from igpt.sampling import Sampler, compile_sampler
 
 UPSCALE = 4  # nearest-neighbour upscaling so 32x32 samples are visible in the grid
 GAP = 2  # pixels between tiles
@@ -50,21 +52,20 @@ def main(argv=None):
     p.add_argument("--prompt-dataset", default=None, help="'shapes': complete the top half of held-out images")
     p.add_argument("--prompts", type=int, default=4, help="number of prompt images with --prompt-dataset")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (Decoder.compile_sampler): about a minute on CPU before the first "
-                   "token, then faster per token; worth it for many or large samples")
+                   help="compile the decode step (igpt.sampling.compile_sampler): about a minute on CPU before the "
+                   "first token, then faster per token; worth it for many or large samples")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
 
-    model = load_checkpoint(args.checkpoint).eval()
-    if args.compile:
-        model.compile_sampler()
+    model = apply_cpu_speedups(load_checkpoint(args.checkpoint).eval())
+    sampler = compile_sampler(model) if args.compile else Sampler(model)
     cfg, palette = model.cfg, model.palette
     R = cfg.resolution
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     if args.prompt_dataset is None:
-        tokens = model.generate(args.n, temperature=args.temperature, top_k=args.top_k, generator=g)
+        tokens = sampler.generate(args.n, temperature=args.temperature, top_k=args.top_k, generator=g)
         images = palette.decode(tokens).reshape(args.n, R, R, 3)
         per_row = max(1, round(args.n ** 0.5))
         rows = [list(images[i:i + per_row]) for i in range(0, args.n, per_row)]
@@ -79,7 +80,7 @@ def main(argv=None):
         half = (R // 2) * R
         rows, n_tokens = [], 0
         for i in range(args.prompts):
-            tokens = model.generate(args.n, prompt=ids[i:i + 1, :half], temperature=args.temperature,
+            tokens = sampler.generate(args.n, prompt=ids[i:i + 1, :half], temperature=args.temperature,
                                     top_k=args.top_k, generator=g)
             n_tokens += (tokens.shape[1] - half) * args.n
             prompt_img = palette.decode(ids[i]).reshape(R, R, 3).clone()

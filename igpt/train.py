@@ -35,7 +35,9 @@ import torch.distributed as dist
 from igpt import checkpoint
 from igpt.config import PRESETS, IGPTConfig
 from igpt.data import BatchLoader, bert_mask_for, open_source, shapes_palette
-from igpt.model import CONFIG_NAME, PALETTE_NAME, Decoder, FusedDecoder
+from igpt.cpu import apply_cpu_speedups
+from igpt.files import CONFIG_NAME, PALETTE_NAME
+from igpt.model import Decoder, FusedDecoder
 from igpt.palette import Palette
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; other devices print no MFU rather than a guess.
@@ -302,6 +304,8 @@ def train(args, env: Env):
     torch.manual_seed(args.seed)  # identical initial weights on every rank (and for any number of ranks)
     model_cls = FusedDecoder if device.type == "cuda" else Decoder  # on CPU both run the same torch ops
     model = model_cls(cfg).to(device).attach_palette(palette)
+    if device.type == "cpu":
+        apply_cpu_speedups(model)  # oneDNN linears: before FSDP wraps the blocks
     n_params = model.num_params()
     model = parallelize(model, ac=args.ac, world_size=env.world_size, device=device, amp_dtype=amp_dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)

@@ -11,7 +11,7 @@ import torch
 from fused_parity import randomized_pair, tiny_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import igpt.model
+import igpt.cpu
 
 # igpt_kernels.attention etc. are also the names of the entry-point functions: fetch the modules themselves.
 KERNEL_MODULES = [importlib.import_module(f"igpt_kernels.{name}") for name in ("attention", "norm", "embedding")]
@@ -104,17 +104,18 @@ class Loss(torch.nn.Module):
 def test_dynamo_traces_the_triton_path_into_one_graph(triton_path):
     cfg = tiny_config()
     _, fused = randomized_pair(cfg)
+    igpt.cpu.apply_cpu_speedups(fused)  # and its fp32 CPU linears through the oneDNN op
     ids = torch.randint(0, 512, (2, cfg.n_ctx), generator=torch.Generator().manual_seed(5))
     # strict export = dynamo with fullgraph: a graph break is an error. Fake tensors only: no kernel runs.
     program = torch.export.export(Loss(fused), (ids,), strict=True)
     calls = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("igpt.")]
-    linears = [c for c in calls if c == "igpt.onednn_linear.default"]  # fp32 CPU linears (igpt.model.Linear)
+    linears = [c for c in calls if c == "igpt.onednn_linear.default"]  # fp32 CPU linears (igpt.cpu.OneDNNLinear)
     kernels = [c for c in calls if c not in linears]
     # embedding; per block ln_1, attention, ln_2; ln_f
     assert sorted(kernels) == sorted(["igpt.palette_embedding_fwd.default"] + ["igpt.norm_fwd.default"] * (
         2 * cfg.n_layer + 1) + ["igpt.attention_fwd.default"] * cfg.n_layer), calls
     # per block qkv, proj, fc, proj; lm_head
-    assert len(linears) == (4 * cfg.n_layer + 1 if igpt.model.ONEDNN_LINEAR else 0)
+    assert len(linears) == (4 * cfg.n_layer + 1 if igpt.cpu.ONEDNN_LINEAR else 0)
     # each block's ln_2 adds the attention output to the residual stream inside the norm kernel
     residual_args = [n.args[2] is not None for n in program.graph.nodes if str(n.target) == "igpt.norm_fwd.default"]
     assert residual_args.count(True) == cfg.n_layer, residual_args

@@ -15,7 +15,7 @@ from fused_parity import CountOps, randomized_pair  # noqa: E402
 
 import igpt_kernels  # noqa: E402
 from igpt import IGPTConfig  # noqa: E402
-from igpt.model import KVCache  # noqa: E402
+from igpt.sampling import KVCache, compile_sampler, decode_token  # noqa: E402
 from igpt_kernels.attention import launch_counts  # noqa: E402
 
 # the modules (igpt_kernels re-exports functions of the same names)
@@ -70,7 +70,7 @@ def test_sampling_draws_the_same_tokens_with_and_without_split_kv(split_kv_off):
 def _prefilled(model, n=2):
     cfg = model.cfg
     cache = KVCache(cfg.n_layer, n, cfg.n_head, cfg.n_ctx, cfg.head_dim, "cpu", torch.float32)
-    model._decode_step(model.embed(torch.tensor([[1, 2, 3], [4, 5, 6]])), cache, last_only=True)
+    model.decode(model.embed(torch.tensor([[1, 2, 3], [4, 5, 6]])), cache, last_only=True)
     return cache
 
 
@@ -80,14 +80,14 @@ def test_decode_step_has_no_host_sync(monkeypatch):
     cache = _prefilled(model)
     token = torch.tensor([[7], [8]])
     with CountOps() as step:
-        model._decode_token(token, cache)
+        decode_token(model, token, cache)
     assert step.ops["igpt.attention_decode.default"] == model.cfg.n_layer, step.ops
     assert step.ops["igpt.palette_embedding_fwd.default"] == 1
     assert step.ops[SYNC] == 0, f"the decode step syncs with the device: {step.ops}"
 
     # The counter sees a sync where there is one: the same step with the embedding's id range check on.
     with CountOps() as checked:
-        model._decode_step(model.embed(token, pos_offset=cache.length, shift=False), cache)
+        model.decode(model.embed(token, pos_offset=cache.length, shift=False), cache)
     assert checked.ops[SYNC] > 0
 
     # The mode sees a custom op as one call: the launchers inside the step's ops, run under it directly, sync neither.
@@ -103,13 +103,13 @@ def test_decode_step_has_no_host_sync(monkeypatch):
             assert sum(inner.ops.values()) > 0, f"{_name}: the counter saw nothing inside the launcher"
             return out
         monkeypatch.setattr(module, attr, counted)
-    model._decode_token(token, cache)
+    decode_token(model, token, cache)
     assert set(seen) == set(launchers), seen
 
 
 @torch.no_grad()
 def test_compiled_decode_step_traces_the_decode_op_whole():
-    # What compile_sampler compiles (its own copy of the one-token step), fullgraph=True: any graph break is an
+    # What compile_sampler compiles (the one-token step, decode_token), fullgraph=True: any graph break is an
     # error; dynamic=True as compile_sampler, two steps (the cache grows). A recording backend runs the captured
     # graph as is (Inductor's own compile adds nothing to check here).
     graphs = []
@@ -118,15 +118,16 @@ def test_compiled_decode_step_traces_the_decode_op_whole():
         graphs.append(gm)
         return gm.forward
 
-    eager, compiled = tiny_model(), tiny_model().compile_sampler(freeze=False, fullgraph=True, backend=recording_backend)
+    eager = tiny_model()
+    compiled = compile_sampler(tiny_model(), freeze=False, fullgraph=True, backend=recording_backend)
     torch._dynamo.reset()
-    eager_cache, compiled_cache = _prefilled(eager), _prefilled(compiled)
+    eager_cache, compiled_cache = _prefilled(eager), _prefilled(compiled.model)
     before = launch_counts["attn_decode_split"]
     for token in (torch.tensor([[7], [8]]), torch.tensor([[9], [10]])):
-        torch.testing.assert_close(compiled._decode_token(token, compiled_cache), eager._decode_token(token, eager_cache),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled.decode_token(token, compiled_cache),
+                                   decode_token(eager, token, eager_cache), rtol=1e-5, atol=1e-5)
     assert graphs, "torch.compile captured no graph"
     targets = [node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
-    assert targets.count(torch.ops.igpt.attention_decode.default) == compiled.cfg.n_layer * len(graphs), targets
+    assert targets.count(torch.ops.igpt.attention_decode.default) == compiled.model.cfg.n_layer * len(graphs), targets
     assert torch.ops.igpt.attention_fwd.default not in targets
-    assert launch_counts["attn_decode_split"] - before == 2 * 2 * compiled.cfg.n_layer  # both models, two steps
+    assert launch_counts["attn_decode_split"] - before == 2 * 2 * compiled.model.cfg.n_layer  # both models, two steps
