@@ -108,11 +108,7 @@ def test_igpt_never_imports_bench():
         assert not imports_any(names, BENCH_MODULES), f"{path} imports {imports_any(names, BENCH_MODULES)}"
 
 
-_SPLIT_PENDING = pytest.mark.xfail(strict=True, reason="issue #16: model.py split in progress")
-
-
-@pytest.mark.parametrize("module", ["igpt.train", "igpt.data", "igpt.cpu",
-                                    pytest.param("igpt.checkpoint", marks=_SPLIT_PENDING)])
+@pytest.mark.parametrize("module", ["igpt.train", "igpt.data", "igpt.cpu", "igpt.checkpoint"])
 def test_the_model_does_not_import(module):
     # igpt/model.py is the readable model: training, data loading, CPU speed-ups and files are applied from outside
     names = imported_modules((REPO / "igpt" / "model.py").read_text(), "igpt")
@@ -124,21 +120,3 @@ def test_the_repository_root_shadows_no_dependency():
     # `kernels`, which transformers >= 5 imports) would be imported in its place.
     code = "from transformers import ImageGPTForCausalImageModeling; import igpt_kernels, igpt.convert"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-
-
-def module_imports(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth of its code (function-level imports included)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-    return names
-
-
-def test_the_model_imports_no_trainer_data_loader_or_speedups():
-    imported = module_imports(REPO / "igpt" / "model.py")
-    for layer in ("igpt.train", "igpt.data", "igpt.cpu", "igpt.checkpoint"):
-        assert not any(n == layer or n.startswith(layer + ".") for n in imported), f"igpt/model.py imports {layer}"
