@@ -20,10 +20,18 @@ import torch
 from torch.utils.data import Dataset
 
 from igpt.hashing import STREAM_BERT, STREAM_PERM, as_index_array, check_int, hash_uniform, key
-from igpt.shapes import (AREA_RANGE, N_CLASSES, PALETTE_LEVELS, SHAPES_CLASSES, SHAPES_COLOURS,  # noqa: F401
-                         TEST_START, ShapesDataset, make_shapes, shapes_labels, shapes_palette)
-from igpt.sources import (HELD_OUT_FRACTION, DatasetUnavailableError, HFSource, ImageSource,  # noqa: F401
-                          ShapesSource, open_source, resize_crop)
+from igpt.shapes import (N_CLASSES, SHAPES_CLASSES, SHAPES_COLOURS, TEST_START, ShapesDataset, make_shapes,
+                         shapes_labels, shapes_palette)
+from igpt.sources import (HELD_OUT_FRACTION, DatasetUnavailableError, HFSource, ImageSource, ShapesSource, open_source,
+                          resize_crop)
+
+__all__ = [  # the loader's own names, then the re-exported dataset and sources
+    "BatchLoader", "bert_mask_for", "global_batch_indices", "rank_slice",
+    "N_CLASSES", "SHAPES_CLASSES", "SHAPES_COLOURS", "TEST_START", "ShapesDataset", "make_shapes", "shapes_labels",
+    "shapes_palette",
+    "HELD_OUT_FRACTION", "DatasetUnavailableError", "HFSource", "ImageSource", "ShapesSource", "open_source",
+    "resize_crop",
+]
 
 
 @lru_cache(maxsize=4)
