@@ -1,5 +1,6 @@
 """Shared helpers for the benchmarks: environment info, timing, precision, same-weight model pairs, correctness checks,
-the FLOP model, tables and JSON. Scripts in bench/ import this as `common` (their own folder is on sys.path)."""
+tables and JSON (the FLOP model and the GPU peaks: igpt.flops). Scripts in bench/ import this as `common` (their own
+folder is on sys.path)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 from igpt import Decoder, IGPTConfig
 from igpt.cpu import apply_cpu_speedups, onednn_linear, onednn_supports
 from igpt.convert import hf_config_kwargs, hf_input_ids, to_hf
+from igpt.flops import PRECISION_DTYPES as DTYPES, cpu_bf16_flags, gpu_bf16_peak, has_native_bf16  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -55,15 +57,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def cpu_bf16_flags() -> list[str]:
-    """The native-bf16 CPU features present (AMX tiles, AVX512-BF16); empty where bf16 matmul is emulated."""
-    flags = set()
-    for line in _cpuinfo().splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return sorted(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def warn_if_busy() -> None:
@@ -165,8 +158,7 @@ def resolve_precisions(choice: str) -> list[str]:
     if choice == "both":
         return list(PRECISIONS)
     if choice == "auto":
-        native = torch.cuda.is_available() or bool(cpu_bf16_flags())
-        return ["fp32", "bf16"] if native else ["fp32"]
+        return ["fp32", "bf16"] if has_native_bf16("cuda" if torch.cuda.is_available() else "cpu") else ["fp32"]
     return [choice]
 
 
@@ -270,29 +262,6 @@ def check_logits(ours, hf, ids: torch.Tensor, atol: float = LOGIT_ATOL["fp32"]) 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FLOP model
-
-FLOP_MODEL = ("training FLOPs/step = 6 * P * B * N + 12 * L * N^2 * C * B, where P = parameters in matmuls (all "
-              "except the wte/wpe/sos embeddings and norm gains; lm_head included), B batch, N tokens, L layers, "
-              "C width; the attention term counts the full N x N score matrix (no causal halving), as in PaLM "
-              "(Chowdhery et al. 2022, app. B) and nanoGPT's estimate_mfu")
-
-
-def matmul_params(model: Decoder) -> int:
-    return sum(p.numel() for name, p in model.named_parameters()
-               if p.dim() == 2 and not name.startswith(("wte.", "wpe.")))
-
-
-def train_flops(model: Decoder, batch: int, causal_half: bool = False) -> float:
-    """FLOP_MODEL's count; with `causal_half`, the attention term counts only the causal half of the score matrix:
-    the least matmul work any implementation of an AR step must do (what the ceiling in peer.py uses)."""
-    cfg = model.cfg
-    N = cfg.n_ctx
-    attention = 12 * cfg.n_layer * N**2 * cfg.n_embd * batch
-    return 6 * matmul_params(model) * batch * N + (attention / 2 if causal_half else attention)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Command line, tables, JSON
 
 
@@ -393,26 +362,13 @@ def write_json(path: Path, data: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Kernel benchmarks (attention.py, norm.py, embedding.py, train.py): device, timing, memory, correctness, command line
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The accuracy rule of the kernel tests (FlashAttention's): against a float64 reference on the same rounded inputs, an
 # output's max error may be at most twice that of plain torch computing the same thing in the same dtype, plus atol.
 KERNEL_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s, matched in order against the
-# device name. A GPU not listed gets no MFU ("unknown"), never a guess.
-GPU_BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                        ("A100", 312.0))
 CPU_BANNER = ("*** CPU run: the Triton GPU kernels are NOT timed here. On CPU tensors 'ours' runs igpt_kernels' "
               "plain-torch reference path (or, under TRITON_INTERPRET=1, the Triton interpreter: checked for "
               "correctness, never timed). These numbers describe PyTorch on this CPU, not the kernels; GPU numbers "
               "come only from a CUDA machine (bench/results/<device>/). ***")
-
-
-def gpu_bf16_peak(name: str) -> float | None:
-    """Data-sheet dense bf16 peak of a known GPU in FLOP/s, or None."""
-    for key, tflops in GPU_BF16_PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return tflops * 1e12
-    return None
 
 
 def ours_path(op: str, device: torch.device) -> tuple[str, bool]:

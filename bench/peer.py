@@ -28,12 +28,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (FLOP_MODEL, LOSS_RTOL, CorrectnessError, autocast, build_pair, check_logits, config_from_args,
-                    describe, env_info, format_table, hf_generate, hf_logits, log, make_parser, matmul_params,
+from common import (LOSS_RTOL, CorrectnessError, autocast, build_pair, check_logits, config_from_args,
+                    describe, env_info, format_table, hf_generate, hf_logits, log, make_parser,
                     matmul_peak, medians, parse_args, random_ids, resolve_precisions, save_results,
-                    time_interleaved, train_flops, train_step_fn, warn_if_busy)
+                    time_interleaved, train_step_fn, warn_if_busy)
 from igpt.convert import to_hf
 from igpt.sampling import Sampler, compile_sampler
+from igpt.flops import FLOP_MODEL as COUNTED_FLOP_MODEL, matmul_params, train_flops
+
+# Both sides are counted alike, so the full score matrix (PaLM's and nanoGPT's convention) keeps the ratios honest;
+# only the floor, the least work an AR step must do, takes the causal half.
+FLOP_MODEL = (f"{COUNTED_FLOP_MODEL}; here with no causal halving, as in PaLM (Chowdhery et al. 2022, app. B) and "
+              "nanoGPT's estimate_mfu, except for the floor")
 
 FULL = dict(layers=8, width=256, heads=8, batch=4, resolution=32, steps=3, warmup=1, sample_tokens=256,
             sample_repeat=3, matmul_size=4096)
@@ -171,10 +177,11 @@ def bench_precision(args, cfg, ours: Ours, hf, ids, initial_state, precision: st
     step_median = medians(step_s)
     log(f"{precision}: matmul peak ({args.matmul_size}^3)")
     peak = matmul_peak(precision, args.matmul_size)
-    flops = train_flops(ours.model, args.batch)
+    tokens = args.batch * cfg.n_ctx
+    flops = train_flops(cfg, tokens, causal=False)
     # The fastest any implementation could train on this machine: the step's necessary matmul FLOPs (causal half of
     # the scores) at the measured peak, everything else free. HF's step time over it bounds the ours/HF ratio.
-    floor_s = train_flops(ours.model, args.batch, causal_half=True) / peak
+    floor_s = train_flops(cfg, tokens, causal=True) / peak
     train_tokens = args.batch * N
     return {
         "loss": {"ours": loss_ours, "hf": loss_hf},
@@ -259,13 +266,14 @@ def main(argv=None) -> int:
             print(f"{p}: ours' first calls, compiling included, not timed: loss check {first['loss_check']:.1f} s, "
                   f"first train step {first['train_step']:.1f} s, first (short) sampling {first['sample_check']:.1f} s")
     print(f"FLOP model: {FLOP_MODEL}")
-    print(f"  = {train_flops(ours, args.batch) / 1e9:.1f} GFLOP per step (P = {matmul_params(ours):,})\n")
+    print(f"  = {train_flops(cfg, args.batch * N, causal=False) / 1e9:.1f} GFLOP per step "
+          f"(P = {matmul_params(cfg):,})\n")
     print(table(results, S))
 
     save_results(args, "peer", env, dict(n_ctx=N, prompt_tokens=N - S, precisions=precisions,
                                          optimizer="AdamW(lr=1e-4)", ours=side.describe()),
                  correctness={"logit_max_abs_diff_fp32": logit_diff}, flop_model=FLOP_MODEL,
-                 train_flops_per_step=train_flops(ours, args.batch), matmul_params=matmul_params(ours),
+                 train_flops_per_step=train_flops(cfg, args.batch * N, causal=False), matmul_params=matmul_params(cfg),
                  results=results)
     return 0
 

@@ -144,8 +144,7 @@ def train_setup():
     cfg = IGPTConfig.preset(TRAIN.preset, resolution=TRAIN.resolution, objective=TRAIN.objective)
     models, ids, bert_mask, _ = train.build(TRAIN, cfg)
     train.check_variants(models, ids, bert_mask, TRAIN.precision, DEVICE)
-    n_matmul = train.matmul_params(next(iter(models.values())))
-    return models, ids, bert_mask, train.useful_flops(cfg, n_matmul, TRAIN.batch)
+    return models, ids, bert_mask, train.train_flops(cfg, TRAIN.batch * cfg.n_ctx, causal=cfg.causal)
 
 
 @pytest.mark.benchmark(group="train-step")

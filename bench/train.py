@@ -2,7 +2,7 @@
 embedding) vs `FusedDecoder` (our kernels), with and without activation checkpointing, for a preset and resolution.
 
 A step is zero_grad + forward + loss + backward + AdamW step on one fixed batch (bf16 autocast where it applies, weights
-in fp32). MFU = useful FLOPs per step / step time / peak, with the FLOP model below: activation-checkpoint recompute is
+in fp32). MFU = useful FLOPs per step / step time / peak, with igpt.flops.FLOP_MODEL: activation-checkpoint recompute is
 not useful work, so a checkpointed step does the same useful work in more time. The peak is the data-sheet dense bf16
 peak of a known GPU (else "unknown"), or on CPU the measured torch.matmul peak in the step's precision.
 
@@ -20,13 +20,13 @@ import sys
 
 import torch
 
-from common import (LOSS_RTOL, CorrectnessError, autocast, cpu_bf16_flags, env_info, fmt_bytes, format_table,
-                    gpu_bf16_peak, log, make_kernel_parser, matmul_params, matmul_peak, measure, ours_path,
-                    parse_kernel_args, print_header, ratio, save_results, speedups, timing_fields, train_step_fn,
-                    warn_if_busy)
+from common import (LOSS_RTOL, CorrectnessError, autocast, env_info, fmt_bytes, format_table, log, make_kernel_parser,
+                    matmul_peak, measure, ours_path, parse_kernel_args, print_header, ratio, save_results, speedups,
+                    timing_fields, train_step_fn, warn_if_busy)
 from igpt import Decoder, FusedDecoder, IGPTConfig
 from igpt.config import PRESETS
 from igpt.cpu import apply_cpu_speedups
+from igpt.flops import FLOP_MODEL, gpu_bf16_peak, has_native_bf16, matmul_params, mfu, train_flops
 from igpt.model import random_bert_mask
 
 GPU = dict(preset="s", resolution=32, batch=16, precision="bf16", matmul_size=0)
@@ -34,11 +34,6 @@ CPU = dict(preset="tiny", resolution=16, batch=8, precision="auto", matmul_size=
 QUICK = dict(preset="tiny", resolution=4, batch=2, precision="fp32", matmul_size=256, warmup=1, repeat=1)
 GRAD_RTOL = 1e-4  # fp32: |g - g_eager| / |g_eager| per parameter (Frobenius norms)
 LOSS_RTOL_FP32 = 1e-5
-FLOP_MODEL = ("useful FLOPs per step = 6 * P * T + 12 * L * N * C * T, halved attention term when causal (AR), where "
-              "P = parameters in matmuls (all but the wte/wpe/sos embeddings and norm gains; lm_head included), "
-              "T = B * N tokens per step, L layers, C width: forward + backward of every matmul (2 + 4 FLOPs per "
-              "parameter and token) and of the attention score and value matmuls. Activation-checkpoint recompute "
-              "is not counted (it is not useful work), nor are norms, softmax, the loss or the optimizer.")
 
 
 def cli(argv=None):
@@ -58,7 +53,7 @@ def cli(argv=None):
     p.add_argument("--matmul-size", type=int, help="CPU: n of the n x n x n matmul that measures the peak")
     args = parse_kernel_args(p, argv, profiles)
     if args.precision == "auto":
-        args.precision = "bf16" if args.device.type == "cuda" or cpu_bf16_flags() else "fp32"
+        args.precision = "bf16" if has_native_bf16(args.device) else "fp32"
     for mode in args.ac:
         if not (mode in ("none", "full") or (mode.startswith("every-") and mode[6:].isdigit() and int(mode[6:]) > 0)):
             p.error(f"--ac {mode}: expected none, full or every-K with K >= 1")
@@ -96,12 +91,6 @@ def activation_checkpointing():
 # FLOPs and peak
 
 
-def useful_flops(cfg: IGPTConfig, n_matmul_params: int, batch: int) -> float:
-    tokens = batch * cfg.n_ctx
-    attention = 12 * cfg.n_layer * cfg.n_ctx * cfg.n_embd * tokens * (0.5 if cfg.causal else 1.0)
-    return 6 * n_matmul_params * tokens + attention
-
-
 def peak_flops(args, env: dict) -> tuple[float | None, str]:
     """(FLOP/s or None, where it comes from)."""
     if args.device.type == "cuda":
@@ -109,7 +98,7 @@ def peak_flops(args, env: dict) -> tuple[float | None, str]:
             return None, "unknown: data-sheet peaks are listed for bf16 only"
         peak = gpu_bf16_peak(env["device"])
         return peak, (f"data-sheet dense bf16 peak of {env['device']}" if peak else
-                      f"unknown: {env['device']} is not in common.GPU_BF16_PEAK_TFLOPS")
+                      f"unknown: {env['device']} is not in igpt.flops.GPU_BF16_PEAK_TFLOPS")
     log(f"matmul peak ({args.matmul_size}^3, {args.precision})")
     peak = matmul_peak(args.precision, args.matmul_size)
     return peak, f"measured torch.matmul {args.matmul_size}^3, {args.precision}"
@@ -248,19 +237,18 @@ def main(argv=None) -> int:
     except CorrectnessError as e:
         sys.exit(f"train.py: correctness check FAILED, nothing timed: {e}")
 
-    n_matmul = matmul_params(next(iter(models.values())))  # names inside checkpoint wrappers keep their prefixes
-    flops = useful_flops(cfg, n_matmul, args.batch)
+    tokens = args.batch * cfg.n_ctx
+    n_matmul, flops = matmul_params(cfg), train_flops(cfg, tokens, causal=cfg.causal)
     log(f"timing {len(models)} variants")
     measured = time_variants(args, models, ids, bert_mask)
     peak, peak_source = peak_flops(args, env)
-    tokens = args.batch * cfg.n_ctx
     rows = []
     for name, m in measured.items():
         row = {"contender": name, **timing_fields(m)}
         if "ms_median" in row:
             step = row["ms_median"] / 1e3
             row.update(tokens_per_s=tokens / step, tflops=flops / step / 1e12,
-                       mfu=None if peak is None else flops / step / peak)
+                       mfu=mfu(cfg, tokens, step, peak))
         rows.append(row)
     base = next((name for name in models if name.startswith("Decoder") and name.endswith("AC none")), None)
     speedups(rows, {"decoder": base})

@@ -202,7 +202,7 @@ def probe_dataset(name: str, resolution: int, n_train: int, n_test: int, seed: i
     (a seeded subset when the split is larger), centre-cropped at the model's resolution. Any `--dataset` the
     trainer reads: shapes, a hub id, imagefolder:DIR, a save_to_disk DIR (without a test split: a held-out part of
     train)."""
-    from igpt.data import open_source
+    from igpt.sources import open_source
 
     kw = dict(seed=seed, image_column=image_column, label_column=label_column)
     splits = []

@@ -73,7 +73,7 @@ def main(argv=None):
     else:
         if args.prompt_dataset != "shapes":
             raise ValueError(f"--prompt-dataset {args.prompt_dataset!r}: only 'shapes' is supported so far")
-        from igpt.data import make_shapes
+        from igpt.shapes import make_shapes
 
         originals = make_shapes(args.prompts, resolution=R, seed=args.seed + 7919)[0]  # not the training seed
         ids = palette.quantize(originals.flatten(1, 2))

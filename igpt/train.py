@@ -34,14 +34,15 @@ import torch.distributed as dist
 
 from igpt import checkpoint
 from igpt.config import PRESETS, IGPTConfig
-from igpt.data import BatchLoader, bert_mask_for, open_source, shapes_palette
 from igpt.cpu import apply_cpu_speedups
+from igpt.data import BatchLoader, bert_mask_for
 from igpt.files import CONFIG_NAME, PALETTE_NAME
+from igpt.flops import device_peak_flops, has_native_bf16, mfu
 from igpt.model import Decoder, FusedDecoder
 from igpt.palette import Palette
+from igpt.shapes import shapes_palette
+from igpt.sources import open_source
 
-# Dense bf16 tensor-core peaks (TFLOP/s) for MFU; other devices print no MFU rather than a guess.
-GPU_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 # Arguments a resume must agree with: they define the model, the data order and the loss.
 RESUME_MUST_MATCH = ("preset", "resolution", "objective", "dataset", "batch_size", "seed")
 
@@ -96,16 +97,7 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Precision, schedule, FLOPs
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+# Precision, schedule
 
 
 def pick_precision(choice: str, device: torch.device) -> torch.dtype:
@@ -113,9 +105,7 @@ def pick_precision(choice: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if choice == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if has_native_bf16(device) else torch.float32
 
 
 def lr_at(step: int, args) -> float:
@@ -124,25 +114,6 @@ def lr_at(step: int, args) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_flops_per_token(cfg: IGPTConfig) -> float:
-    """Useful training FLOPs per token: 6 x (matmul weights) + attention 12·L·N·C (half when causal).
-    Activation-checkpoint recomputation is not useful work and is not counted."""
-    C, L, N = cfg.n_embd, cfg.n_layer, cfg.n_ctx
-    matmul_weights = L * 12 * C * C + cfg.vocab_size * C
-    attention = 12 * L * N * C * (0.5 if cfg.objective == "ar" else 1.0)
-    return 6 * matmul_weights + attention
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,25 +242,72 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(args, env: Env):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                         set_state_dict)
+@dataclass
+class Run:
+    """What the step, evaluation, checkpoint and log functions share."""
+    args: argparse.Namespace
+    env: Env
+    cfg: IGPTConfig
+    amp_dtype: torch.dtype
+    out: Path
+    palette: Palette
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loader: BatchLoader
+    eval_loader: BatchLoader
 
-    device = env.device
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def train(args, env: Env):
+    """Build, resume if asked, run the steps (evaluating, checkpointing and logging as the flags say), publish."""
     if args.batch_size % (env.world_size * args.grad_accum):
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by processes x --grad-accum "
                          f"({env.world_size} x {args.grad_accum})")
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
-    amp_dtype = pick_precision(args.precision, device)
     out = Path(args.out)
-    ckpt_root = out / "checkpoints"
-    resume_from = checkpoint.latest(ckpt_root) if args.resume else None
+    resume_from = checkpoint.latest(out / "checkpoints") if args.resume else None
     if args.resume and resume_from is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_root} (save some with --ckpt-every N)")
+        raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'} (save some with --ckpt-every N)")
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    run = build(args, env, out)
+    start_step = 0 if resume_from is None else resume(run, resume_from)
+    metrics = open_metrics(run, start_step if resume_from is not None else None)
+    peak = device_peak_flops(env.device)
+    tokens_per_step = args.batch_size * run.cfg.n_ctx
+    t_start, steps_done = time.time(), 0
+    for step, images, _, indices in run.loader.iterate(start_step, args.steps):
+        t_step = time.time()
+        record = train_step(run, step, images, indices)
+        seconds = time.time() - t_step
+        steps_done += 1
+        record["tokens_per_s"] = tokens_per_step / seconds
+        if peak:
+            record["mfu"] = mfu(run.cfg, tokens_per_step, seconds, peak * env.world_size)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            record["eval_loss"] = evaluate(run)
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+            save_checkpoint(run, step + 1)
+        if (step + 1) % args.log_every == 0 or steps_done == 1 or "eval_loss" in record:
+            env.print(log_line(record, args, tokens_per_step * steps_done, time.time() - t_start, steps_done))
+    if metrics is not None:
+        metrics.close()
+    publish(run, t0)
+    return run.model
 
+
+def build(args, env: Env, out: Path) -> Run:
+    """Data sources and the palette, the model (parallelized) and its optimizer, the train and eval loaders."""
+    device = env.device
+    amp_dtype = pick_precision(args.precision, device)
     cfg = IGPTConfig.preset(args.preset, resolution=args.resolution, objective=args.objective)
     kw = dict(seed=args.seed, image_column=args.image_column, label_column=args.label_column)
     train_src = open_source(args.dataset, "train", args.resolution, **kw)
@@ -314,130 +332,145 @@ def train(args, env: Env):
               f"{' with FSDP2' if env.world_size > 1 else ''}, precision {str(amp_dtype).removeprefix('torch.')}, "
               f"ac {args.ac}, global batch {args.batch_size} x {args.grad_accum if args.grad_accum > 1 else 1} "
               f"micro-batch(es)")
+    ranks = dict(rank=env.rank, world_size=env.world_size, seed=args.seed)
+    loader = BatchLoader(train_src, args.batch_size, **ranks, num_workers=workers, train=True)
+    eval_loader = BatchLoader(eval_src, args.batch_size, **ranks, train=False)
+    return Run(args, env, cfg, amp_dtype, out, palette, model, opt, loader, eval_loader)
 
-    trainer_state = {"world_size": env.world_size, "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH}}
-    start_step = 0
-    if resume_from is not None:
-        msd, osd = get_state_dict(model, opt)
-        app_state = {"model": msd, "optim": osd}
-        saved = checkpoint.load(resume_from, app_state)
-        mismatched = {k: (v, getattr(args, k)) for k, v in saved["args"].items() if getattr(args, k) != v}
-        if mismatched:
-            raise SystemExit(f"--resume: {resume_from} was saved with different arguments "
-                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in
-                                         mismatched.items()) + "; rerun with the saved values or a new --out")
-        set_state_dict(model, opt, model_state_dict=app_state["model"], optim_state_dict=app_state["optim"])
-        start_step = saved["step"]
-        env.print(f"resumed from {resume_from} at step {start_step}")
 
-    def save_checkpoint(step: int):
-        msd, osd = get_state_dict(model, opt)
-        path = checkpoint.save(ckpt_root, step, {"model": msd, "optim": osd}, trainer_state, keep=args.keep,
-                               extra_files={CONFIG_NAME: lambda p: p.write_text(cfg.to_json()),
-                                            PALETTE_NAME: palette.save})
-        env.print(f"checkpoint {path}")
+# ----------------------------------------------------------------------------------------------------------------------
+# One step, evaluation
 
-    loader = BatchLoader(train_src, args.batch_size, rank=env.rank, world_size=env.world_size, seed=args.seed,
-                         num_workers=workers, train=True)
-    eval_loader = BatchLoader(eval_src, args.batch_size, rank=env.rank, world_size=env.world_size,
-                              seed=args.seed, train=False)
 
-    def tokens_and_masks(images, indices, step, seed):
-        ids = palette.quantize(images.flatten(1, 2)).to(device)
-        mask = bert_mask_for(indices, step, cfg.n_ctx, seed).to(device) if cfg.objective == "bert" else None
-        return ids, mask
+def tokens_and_masks(run: Run, images, indices, step: int, seed: int):
+    ids = run.palette.quantize(images.flatten(1, 2)).to(run.env.device)
+    mask = bert_mask_for(indices, step, run.cfg.n_ctx, seed).to(run.env.device) if run.cfg.objective == "bert" else None
+    return ids, mask
 
-    def loss_sum(ids, mask):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            return model.loss(ids, mask, reduction="sum")
 
-    def counted(mask, ids) -> int:
-        return int(mask.sum()) if mask is not None else ids.numel()
+def loss_sum(run: Run, ids, mask):
+    with torch.autocast(run.env.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
+        return run.model.loss(ids, mask, reduction="sum")
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = count = 0.0
-        for i in range(args.eval_batches):
-            images, _, idx = eval_loader.batch(i)
-            ids, mask = tokens_and_masks(images, idx, i, args.seed + 1)  # the same eval masks every time
-            total += loss_sum(ids, mask).item()
-            count += counted(mask, ids)
-        model.train()
-        total, count = env.all_sum(total, count)
-        return total / max(count, 1)
 
-    metrics_path = out / "metrics.jsonl"
-    if env.main:
-        keep_lines = []
-        if resume_from is not None and metrics_path.exists():  # drop what the interrupted run logged after the checkpoint
-            keep_lines = [line for line in metrics_path.read_text().splitlines()
-                          if line.strip() and json.loads(line)["step"] <= start_step]
-        metrics_path.write_text("".join(line + "\n" for line in keep_lines))
-    metrics = open(metrics_path, "a") if env.main else None
-    flops_per_token, peak = train_flops_per_token(cfg), gpu_peak_flops(device)
-    tokens_per_step = args.batch_size * cfg.n_ctx
-    t_start, steps_done = time.time(), 0
-    for step, images, _, indices in loader.iterate(start_step, args.steps):
-        t_step = time.time()
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        ids, mask = tokens_and_masks(images, indices, step, args.seed)
-        # Global token count first, so that every micro-batch's loss is scaled to the global mean.
-        (global_count,) = env.all_sum(counted(mask, ids))
-        scale = env.world_size / max(global_count, 1)  # FSDP averages gradients over ranks
-        micro = ids.shape[0] // args.grad_accum
-        local_sum = 0.0
-        for m in range(args.grad_accum):
-            part = slice(m * micro, (m + 1) * micro)
-            if env.world_size > 1:
-                model.set_requires_gradient_sync(m == args.grad_accum - 1)
-            loss = loss_sum(ids[part], mask[part] if mask is not None else None)
-            (loss * scale).backward()
-            local_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        (loss_total,) = env.all_sum(local_sum)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.time() - t_step
-        steps_done += 1
-        record = {"step": step + 1, "loss": loss_total / global_count, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": tokens_per_step / seconds}
-        if peak:
-            record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * env.world_size)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            record["eval_loss"] = evaluate()
-        if env.main:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            save_checkpoint(step + 1)
-        if (step + 1) % args.log_every == 0 or steps_done == 1 or "eval_loss" in record:
-            elapsed = time.time() - t_start
-            line = (f"step {step + 1:>5}/{args.steps}  loss {record['loss']:.4f}  lr {lr:.2e}  "
-                    f"{tokens_per_step * steps_done / elapsed:,.0f} tok/s")
-            if "mfu" in record:
-                line += f"  mfu {record['mfu']:.1%}"
-            line += f"  eta {elapsed / steps_done * (args.steps - step - 1):.0f}s"
-            if "eval_loss" in record:
-                line += f"  eval_loss {record['eval_loss']:.4f}"
-            env.print(line)
-    if metrics is not None:
-        metrics.close()
+def counted(mask, ids) -> int:
+    """Tokens the loss sums over: the masked ones (BERT), else every one."""
+    return int(mask.sum()) if mask is not None else ids.numel()
 
-    # Final weights: gather the full state dict and publish safetensors + config.json + palette.npy from rank 0.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if env.main:
-        final = Decoder(cfg).attach_palette(palette)
+
+def train_step(run: Run, step: int, images, indices) -> dict:
+    """Forward and backward over the micro-batches, clip, AdamW step: the step's metrics (step, loss, lr, grad_norm)."""
+    args, env, model, opt = run.args, run.env, run.model, run.opt
+    lr = lr_at(step, args)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    ids, mask = tokens_and_masks(run, images, indices, step, args.seed)
+    # Global token count first, so that every micro-batch's loss is scaled to the global mean.
+    (global_count,) = env.all_sum(counted(mask, ids))
+    scale = env.world_size / max(global_count, 1)  # FSDP averages gradients over ranks
+    micro = ids.shape[0] // args.grad_accum
+    local_sum = 0.0
+    for m in range(args.grad_accum):
+        part = slice(m * micro, (m + 1) * micro)
+        if env.world_size > 1:
+            model.set_requires_gradient_sync(m == args.grad_accum - 1)
+        loss = loss_sum(run, ids[part], mask[part] if mask is not None else None)
+        (loss * scale).backward()
+        local_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    (loss_total,) = env.all_sum(local_sum)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    return {"step": step + 1, "loss": loss_total / global_count, "lr": lr, "grad_norm": grad_norm.item()}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss per counted token over --eval-batches test batches (the same masks every time), all ranks."""
+    run.model.eval()
+    total = count = 0.0
+    for i in range(run.args.eval_batches):
+        images, _, idx = run.eval_loader.batch(i)
+        ids, mask = tokens_and_masks(run, images, idx, i, run.args.seed + 1)
+        total += loss_sum(run, ids, mask).item()
+        count += counted(mask, ids)
+    run.model.train()
+    total, count = run.env.all_sum(total, count)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints, metrics, the final weights
+
+
+def resume(run: Run, path: Path) -> int:
+    """Load model and optimizer state from checkpoint `path` after checking the arguments match; its step."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(run.model, run.opt)
+    app_state = {"model": msd, "optim": osd}
+    saved = checkpoint.load(path, app_state)
+    args = run.args
+    mismatched = {k: (v, getattr(args, k)) for k, v in saved["args"].items() if getattr(args, k) != v}
+    if mismatched:
+        raise SystemExit(f"--resume: {path} was saved with different arguments "
+                         + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in
+                                     mismatched.items()) + "; rerun with the saved values or a new --out")
+    set_state_dict(run.model, run.opt, model_state_dict=app_state["model"], optim_state_dict=app_state["optim"])
+    run.env.print(f"resumed from {path} at step {saved['step']}")
+    return saved["step"]
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(run.model, run.opt)
+    trainer_state = {"world_size": run.env.world_size, "args": {k: getattr(run.args, k) for k in RESUME_MUST_MATCH}}
+    path = checkpoint.save(run.ckpt_root, step, {"model": msd, "optim": osd}, trainer_state, keep=run.args.keep,
+                           extra_files={CONFIG_NAME: lambda p: p.write_text(run.cfg.to_json()),
+                                        PALETTE_NAME: run.palette.save})
+    run.env.print(f"checkpoint {path}")
+
+
+def open_metrics(run: Run, resumed_at: int | None):
+    """metrics.jsonl for appending on rank 0 (None elsewhere); a resume drops what was logged after its checkpoint."""
+    if not run.env.main:
+        return None
+    path = run.out / "metrics.jsonl"
+    keep_lines = []
+    if resumed_at is not None and path.exists():
+        keep_lines = [line for line in path.read_text().splitlines()
+                      if line.strip() and json.loads(line)["step"] <= resumed_at]
+    path.write_text("".join(line + "\n" for line in keep_lines))
+    return open(path, "a")
+
+
+def log_line(record: dict, args, tokens: int, elapsed: float, steps_done: int) -> str:
+    """The live line: step, loss, lr, tokens/s since start (`tokens` in `elapsed` s), MFU, ETA, eval loss."""
+    line = (f"step {record['step']:>5}/{args.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{tokens / elapsed:,.0f} tok/s")
+    if "mfu" in record:
+        line += f"  mfu {record['mfu']:.1%}"
+    line += f"  eta {elapsed / steps_done * (args.steps - record['step']):.0f}s"
+    if "eval_loss" in record:
+        line += f"  eval_loss {record['eval_loss']:.4f}"
+    return line
+
+
+def publish(run: Run, t0: float) -> None:
+    """Gather the full state dict and write safetensors + config.json + palette.npy from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.env.main:
+        final = Decoder(run.cfg).attach_palette(run.palette)
         final.load_state_dict(full)
-        final.save_pretrained(out)
-        print(f"saved {out / 'model.safetensors'}, config.json, palette.npy in {time.time() - t0:.0f}s", flush=True)
-    return model
+        final.save_pretrained(run.out)
+        print(f"saved {run.out / 'model.safetensors'}, config.json, palette.npy in {time.time() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

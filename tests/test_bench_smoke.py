@@ -158,20 +158,6 @@ def test_correctness_check_fails_loudly(bench_modules, tmp_path):
     assert not out.exists()
 
 
-def test_train_flops_counts_by_hand(bench_modules):
-    """FLOP model by hand for 2 layers x 32 wide, 16 tokens, batch 3: the matmul parameters are the blocks' linears
-    (12 C^2 per layer, no biases) and the head (C x 512); the attention term is 12 L N^2 C B, halved on request."""
-    common, _, _ = bench_modules
-    from igpt import Decoder
-
-    model = Decoder(IGPTConfig(n_layer=2, n_embd=32, n_head=2, resolution=4))
-    P = 2 * 12 * 32**2 + 32 * 512
-    assert common.matmul_params(model) == P
-    attention = 12 * 2 * 16**2 * 32 * 3
-    assert common.train_flops(model, 3) == 6 * P * 3 * 16 + attention
-    assert common.train_flops(model, 3, causal_half=True) == 6 * P * 3 * 16 + attention / 2
-
-
 def test_matmul_peak_leaves_bf16_to_torch_matmul_where_onednn_cannot_run_it(bench_modules, cpu_without_onednn_bf16):
     """peer.py's bf16 peak on an AVX2-only CPU (simulated anywhere): oneDNN's bf16 reorder would raise there."""
     common, _, _ = bench_modules

@@ -1,5 +1,6 @@
 """The embedded shapes dataset: determinism, balance, resolutions; colour statistics must not give the classes."""
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,12 @@ def test_colour_probe_catches_a_subtle_leak():
     (train_x, train_y), (test_x, test_y) = split(32, antialias=2)
     colour = probe_accuracy(colour_features(train_x), train_y, colour_features(test_x), test_y)
     assert colour >= 2 * CHANCE, f"the leaky variant only gives {colour:.3f}"
+
+
+def test_one_hash_for_every_data_draw():
+    """splitmix64 is written once (igpt/hashing.py): shapes scenes, crops, held-out rows, epoch permutations and BERT
+    masks all draw from it."""
+    import igpt
+
+    package = Path(igpt.__file__).parent
+    assert [p.name for p in sorted(package.glob("*.py")) if "0xBF58476D1CE4E5B9" in p.read_text()] == ["hashing.py"]

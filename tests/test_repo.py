@@ -120,3 +120,18 @@ def test_the_repository_root_shadows_no_dependency():
     # `kernels`, which transformers >= 5 imports) would be imported in its place.
     code = "from transformers import ImageGPTForCausalImageModeling; import igpt_kernels, igpt.convert"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_the_readme_layout_lists_every_module():
+    # A newcomer finds each responsibility from the README's Layout: one line per module, and no line for a lost one.
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, package = set(), None
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            package = line.split()[0].rstrip("/")
+        elif line.strip():
+            listed.add(f"{package}/{line.split()[0]}")
+    present = {f"{p.parent.name}/{p.name}" for folder in ("igpt_kernels", "igpt", "bench")
+               for p in (REPO / folder).iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
+    assert listed == present, f"missing from the README: {sorted(present - listed)}; gone: {sorted(listed - present)}"
