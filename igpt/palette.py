@@ -73,17 +73,23 @@ def _default_chunk(device: torch.device, n_clusters: int) -> int:
     return max(1, elems // n_clusters)
 
 
-def _nearest(x: torch.Tensor, centres: torch.Tensor, chunk_size: int | None = None):
+def _centre_columns(centres: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fp32 [K, 3] -> 3 contiguous [1, K] columns. Made outside torch.compile: torch 2.11's Inductor fused strided
+    column views of a captured centres tensor with the pixel-table gather into wrong ids (fixed in 2.13)."""
+    return tuple(centres[:, i].contiguous().unsqueeze(0) for i in range(3))
+
+
+def _nearest(x: torch.Tensor, centres, chunk_size: int | None = None):
     """Nearest centre of every row of x under the exact rule (see the module docstring).
 
-    x: fp32 [N, 3], centres: fp32 [K, 3] on the same device. Returns (ids int64 [N], squared distance fp32 [N]).
-    Only a [chunk_size, K] block of distances exists at any time.
+    x: fp32 [N, 3], centres: fp32 [K, 3] (or its `_centre_columns`) on the same device. Returns (ids int64 [N],
+    squared distance fp32 [N]). Only a [chunk_size, K] block of distances exists at any time.
     """
-    n, k = x.shape[0], centres.shape[0]
+    c = _centre_columns(centres) if isinstance(centres, torch.Tensor) else centres  # 3 x [1, K]
+    n, k = x.shape[0], c[0].shape[1]
     chunk = chunk_size or _default_chunk(x.device, k)
     ids = torch.empty(n, dtype=torch.long, device=x.device)
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
-    c = [centres[:, i].contiguous().unsqueeze(0) for i in range(3)]  # 3 x [1, K]
     buf_d = torch.empty(min(chunk, n), k, dtype=torch.float32, device=x.device)
     buf_t = torch.empty_like(buf_d)
     for s in range(0, n, chunk):
@@ -137,6 +143,7 @@ class Palette:
 
     def __init__(self, centres):
         self.centres = _check_centres(centres)
+        self._columns = _centre_columns(self.centres)  # what quantize searches (see _centre_columns)
 
     # --- basics -----------------------------------------------------------------------------------------------
 
@@ -173,7 +180,7 @@ class Palette:
         if flat.shape[0] == 0:
             return torch.empty(pixels.shape[:-1], dtype=torch.long, device=pixels.device)
         colours, inverse = torch.unique(_pack(flat), return_inverse=True)
-        ids, _ = _nearest(_to_unit(_unpack(colours)), self.centres.to(pixels.device), chunk_size)
+        ids, _ = _nearest(_to_unit(_unpack(colours)), [c.to(pixels.device) for c in self._columns], chunk_size)
         return ids[inverse].reshape(pixels.shape[:-1])
 
     def decode(self, ids) -> torch.Tensor:
