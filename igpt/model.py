@@ -18,10 +18,6 @@ import igpt_kernels
 from igpt.config import IGPTConfig
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Building blocks
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """iGPT norm: x * rsqrt(mean(x^2) + eps) * g. No mean subtraction, no bias; fp32 statistics."""
     xf = x.float()
