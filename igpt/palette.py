@@ -79,13 +79,13 @@ def _centre_columns(centres: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(centres[:, i].contiguous().unsqueeze(0) for i in range(3))
 
 
-def _nearest(x: torch.Tensor, centres, chunk_size: int | None = None):
+def _nearest(x: torch.Tensor, columns: tuple[torch.Tensor, ...], chunk_size: int | None = None):
     """Nearest centre of every row of x under the exact rule (see the module docstring).
 
-    x: fp32 [N, 3], centres: fp32 [K, 3] (or its `_centre_columns`) on the same device. Returns (ids int64 [N],
+    x: fp32 [N, 3], columns: `_centre_columns` of the fp32 [K, 3] centres, on x's device. Returns (ids int64 [N],
     squared distance fp32 [N]). Only a [chunk_size, K] block of distances exists at any time.
     """
-    c = _centre_columns(centres) if isinstance(centres, torch.Tensor) else centres  # 3 x [1, K]
+    c = columns
     n, k = x.shape[0], c[0].shape[1]
     chunk = chunk_size or _default_chunk(x.device, k)
     ids = torch.empty(n, dtype=torch.long, device=x.device)
@@ -251,7 +251,7 @@ class Palette:
         centres = init if init is not None else _kmeans_pp(x, w, n_clusters, gen)
         prev = None
         for _ in range(iters):
-            ids, _ = _nearest(x, centres, chunk_size)
+            ids, _ = _nearest(x, _centre_columns(centres), chunk_size)
             if prev is not None and torch.equal(ids, prev):
                 break  # converged: the centres are already the means of this assignment
             prev = ids
@@ -393,7 +393,7 @@ def _reseed(x: torch.Tensor, centres: torch.Tensor, keep: torch.Tensor, chunk_si
     (K - #kept) points are at a positive distance: the result has K distinct centres.
     """
     new = centres.clone()
-    _, d2 = _nearest(x, centres[keep], chunk_size)
+    _, d2 = _nearest(x, _centre_columns(centres[keep]), chunk_size)
     n_new = int((~keep).sum())
     far = torch.sort(d2, descending=True, stable=True).indices[:n_new]  # ties -> lowest index: deterministic
     new[~keep] = x[far]
