@@ -159,8 +159,8 @@ def test_uncached_sampler_draws_exactly_the_cached_tokens(monkeypatch, speedups)
     cases = [(0, None), (cfg.n_ctx // 2, None), (cfg.n_ctx // 2, 16), (cfg.n_ctx - 8, 4)]  # (prompt length, top_k)
     if speedups:
         cases = cases[1:3]
-    cached = [Sampler(model).generate(4, prompt=prompts[i:i + 1, :P], top_k=k, generator=torch.Generator().manual_seed(i))
-              for i, (P, k) in enumerate(cases)]
+    cached = [Sampler(model).generate(4, prompt=prompts[i:i + 1, :P], top_k=k,
+                                      generator=torch.Generator().manual_seed(i)) for i, (P, k) in enumerate(cases)]
 
     def no_cache(*args):
         raise AssertionError("the uncached sampler built a KV cache")
