@@ -2,7 +2,9 @@
 `compile_sampler(model)`, the same sampler with its one-token step under torch.compile.
 
 The sampler owns the cache and its dtype, the linears' weight casts and oneDNN packing during sampling, and the
-compiled step with its check that the weights it froze are still the model's.
+compiled step with its check that the weights it froze are still the model's. `Sampler(model, use_cache=False)` is
+the reference the cache is checked against: a full forward over the whole prefix for every token. Both draw every
+token through `draw`, so one seed gives both the same tokens wherever their logits round alike (fp32 on CPU).
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ def decode_token(model, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model.decode(model.embed(ids, pos_offset=cache.length, shift=False, check_ids=False), cache)
 
 
+def draw(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """One token per image [n, 1] from next-token logits [n, V]: temperature, top-k, then the softmax."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
 def weights_fingerprint(model: nn.Module) -> list:
     # _version counts in-place writes (optimizer steps, load_state_dict's copy_), data_ptr .to() and .data swaps
     return [(name, p.data_ptr(), p._version) for name, p in model.named_parameters()]
@@ -77,10 +88,15 @@ class Sampler:
     autocast casts fold away and the CPU linears multiply through weights packed for oneDNN; the graph then holds the
     weights of its first call, and `generate` refuses to run it once a parameter has changed (build a new sampler).
     Without freezing the compiled step reads the live weights, through Inductor's own GEMMs.
+    use_cache=False samples without a cache: every token runs the model over the whole prefix (`sample_uncached`).
     """
 
-    def __init__(self, model: nn.Module, compile: bool = False, freeze: bool | None = None, **options):
+    def __init__(self, model: nn.Module, compile: bool = False, freeze: bool | None = None, use_cache: bool = True,
+                 **options):
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the cached decode step: it cannot be combined with use_cache=False")
         self.model = model
+        self.use_cache = use_cache
         self.compiled = compile  # the decode steps leave the GEMMs to Inductor: no packing around them
         self.frozen = compile and (model.wte.weight.device.type == "cpu" if freeze is None else freeze)
         self._frozen_weights = None  # the weights the frozen graph holds, once its first call compiled it
@@ -126,11 +142,13 @@ class Sampler:
         if prompt.shape[0] not in (1, n):
             raise ValueError(f"prompt batch {prompt.shape[0]} must be 1 or n={n}")
         prompt = prompt.to(device).expand(n, -1)
+        autocast = torch.is_autocast_enabled(device.type)
+        cast = torch.get_autocast_dtype(device.type) if autocast else None
+        if not self.use_cache:  # every step is a prompt pass: its linears
+            return self.sample_uncached(prompt, temperature, top_k, generator, cpu.inference_linears(model, cast))
         # Under autocast keys and values leave their linear in the autocast dtype. On GPU, and in a frozen graph
         # (whose fused loops read half the bytes), they are cached in it; eager CPU decoding keeps the weights'
         # dtype, because PyTorch's one-query CPU attention is slower in bf16 than the casts cost.
-        autocast = torch.is_autocast_enabled(device.type)
-        cast = torch.get_autocast_dtype(device.type) if autocast else None
         cache_dtype = cast if cast is not None and (device.type != "cpu" or self.frozen) else model.wte.weight.dtype
         cache = KVCache(cfg.n_layer, n, cfg.n_head, N, cfg.head_dim, device, cache_dtype)
         if self.frozen:  # its graph has cast and packed the weights itself
@@ -156,15 +174,24 @@ class Sampler:
             logits = model.decode(x, cache, last_only=True)
         with decode_linears:
             for t in range(P, N):
-                logits = logits[:, -1].float() / temperature
-                if top_k is not None:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator)  # [n, 1]
+                token = draw(logits[:, -1], temperature, top_k, generator)  # [n, 1]
                 out[:, t] = token.squeeze(1)
                 if t + 1 < N:
                     logits = self.decode_token(token, cache)
+        return out
+
+    def sample_uncached(self, prompt, temperature: float, top_k: int | None, generator,
+                        linears=contextlib.nullcontext()) -> torch.Tensor:
+        """The draws of `generate` for a checked prompt [n, P] without a cache: token t from a full forward over
+        tokens 0..t, the same `draw` on its last logits (the reference the cached sampler is checked against)."""
+        model, (n, P), N = self.model, prompt.shape, self.model.cfg.n_ctx
+        out = torch.zeros(n, N, dtype=torch.long, device=prompt.device)  # past the prompt: placeholders, as cached
+        out[:, :P] = prompt
+        with linears:
+            for t in range(P, N):
+                # logits[:, t] depend on ids[:, :t] only (the AR shift is inside), so out[:, t] is a placeholder
+                logits = model(out[:, :t + 1])[:, -1]
+                out[:, t] = draw(logits, temperature, top_k, generator).squeeze(1)
         return out
 
 

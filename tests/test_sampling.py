@@ -1,5 +1,6 @@
 """The sampler (igpt/sampling.py): the KV cache's dtype under autocast, the linears' casts and packing during
-sampling, the compiled step and its frozen-weights check. Cached decoding against the full forward: test_model.py."""
+sampling, the compiled step and its frozen-weights check, the uncached reference sampler. Cached decoding against the
+full forward: test_model.py."""
 import contextlib
 
 import pytest
@@ -143,3 +144,40 @@ def test_weights_fingerprint_sees_optimizer_steps_loads_and_moves():
         assert weights_fingerprint(model) != before
 
 
+
+
+@pytest.mark.parametrize("speedups", [False, True])
+def test_uncached_sampler_draws_exactly_the_cached_tokens(monkeypatch, speedups):
+    """Sampler(use_cache=False) runs a full forward over the prefix per token and draws through the same `draw` with
+    the same generator: on CPU in fp32 the very tokens of the cached sampler, whole images and completions, with and
+    without top-k (also with the CPU speed-ups the sample command applies)."""
+    cfg = tiny(resolution=16)  # 256 tokens: hundreds of draws per image, each of which a rounding flip would change
+    model = randomized(Decoder(cfg), seed=1).eval()
+    if speedups:
+        igpt.cpu.apply_cpu_speedups(model)
+    prompts = ids_for(cfg, B=4, seed=1)
+    cases = [(0, None), (cfg.n_ctx // 2, None), (cfg.n_ctx // 2, 16), (cfg.n_ctx - 8, 4)]  # (prompt length, top_k)
+    if speedups:
+        cases = cases[1:3]
+    cached = [Sampler(model).generate(4, prompt=prompts[i:i + 1, :P], top_k=k,
+                                      generator=torch.Generator().manual_seed(i)) for i, (P, k) in enumerate(cases)]
+
+    def no_cache(*args):
+        raise AssertionError("the uncached sampler built a KV cache")
+
+    monkeypatch.setattr(igpt.sampling, "KVCache", no_cache)
+    forwards = []
+    model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[1]))
+    uncached = [Sampler(model, use_cache=False).generate(4, prompt=prompts[i:i + 1, :P], top_k=k,
+                                                          generator=torch.Generator().manual_seed(i))
+                for i, (P, k) in enumerate(cases)]
+    for i, ((P, _), a, b) in enumerate(zip(cases, cached, uncached)):
+        assert a.shape == (4, cfg.n_ctx) and torch.equal(a[:, :P], prompts[i:i + 1, :P].expand(4, -1))
+        assert torch.equal(a, b)
+        assert len(set(map(tuple, a[:, P:].tolist()))) == 4  # four different completions: the draws are random
+    assert forwards == [t + 1 for P, _ in cases for t in range(P, cfg.n_ctx)]  # a full forward over 0..t per token
+
+
+def test_uncached_sampler_cannot_be_compiled():
+    with pytest.raises(ValueError, match="use_cache=False"):
+        Sampler(randomized(Decoder(tiny())), compile=True, use_cache=False)
