@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from igpt import Decoder, IGPTConfig
+from igpt.cli import HelpFormatter
 from igpt.cpu import apply_cpu_speedups, onednn_linear, onednn_supports
 from igpt.convert import hf_config_kwargs, hf_input_ids, to_hf
 from igpt.flops import PRECISION_DTYPES as DTYPES, cpu_bf16_flags, gpu_bf16_peak, has_native_bf16  # noqa: F401
@@ -268,7 +269,7 @@ def check_logits(ours, hf, ids: torch.Tensor, atol: float = LOGIT_ATOL["fp32"]) 
 def make_parser(doc: str, full: dict, quick: dict) -> argparse.ArgumentParser:
     """The flags every script shares (sizes, precision, --sample-tokens, --quick, --json); a script adds its own and
     then calls `parse_args`. Size flags default to None so that `parse_args` can fill them from `full` or `quick`."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog="defaults: " + _flags(full) + "\n--quick:  " + _flags(quick))
     g = p.add_argument_group("model and batch (HF gets the same weights)")
     g.add_argument("--layers", type=int)
@@ -458,7 +459,7 @@ def check_close(what: str, got: torch.Tensor, exact: torch.Tensor, plain: torch.
 def make_kernel_parser(doc: str, profiles: dict[str, dict]) -> argparse.ArgumentParser:
     """Flags every kernel benchmark shares; a script adds its own with default None, and `parse_kernel_args` fills
     them from `profiles["gpu"]`, `["cpu"]` (by device) or `["quick"]` (--quick)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog="\n".join(f"{name} defaults: {_flags(v)}" for name, v in profiles.items()))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
     g = p.add_argument_group("timing")

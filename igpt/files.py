@@ -77,6 +77,9 @@ def load_pretrained(model_cls, path, map_location="cpu"):
 def resolve_weights(path: Path) -> tuple[Path, Path]:
     """(weights, config.json) of a run dir, a step-N checkpoint dir or a .safetensors file; weights is a
     .safetensors file or a step-N checkpoint directory (DCP)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory, a step-N checkpoint directory or a "
+                                ".safetensors file")
     if path.is_dir():
         from igpt.checkpoint import MANIFEST, latest
 
@@ -89,8 +92,6 @@ def resolve_weights(path: Path) -> tuple[Path, Path]:
                 raise FileNotFoundError(f"no {WEIGHTS_NAME} and no checkpoints/step-N in {path}: pass a run "
                                         "directory, a step-N checkpoint directory, or a .safetensors file")
     elif path.suffix == ".safetensors":
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
         weights = path
     else:
         raise ValueError(f"{path}: expected a directory or a .safetensors file")

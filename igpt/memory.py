@@ -91,13 +91,12 @@ gradient-norm clipping's small buffers, the classifier head, torch.compile's fus
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
+from igpt import cli
 from igpt.config import IGPTConfig
 
 GiB = 1 << 30
@@ -478,17 +477,17 @@ def table(presets, resolution: int, gpus: int, gpu_mem_gib: float, acs, batches,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m igpt.memory", description=(
+    ap = cli.parser(prog="python -m igpt.memory", description=(
         "Estimated peak memory per GPU of iGPT training (FSDP2, bf16 params/activations, fp32 master, grads and "
         "AdamW; see igpt/memory.py for the formula). An estimate, checked on CPU only."))
-    ap.add_argument("--preset", nargs="+", default=["s", "m", "l"], help="presets (default: s m l)")
-    ap.add_argument("--resolution", type=int, default=48, help="image side; the context is its square (default 48)")
-    ap.add_argument("--gpus", type=int, default=8, help="FSDP world size (default 8)")
-    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    ap.add_argument("--ac", nargs="+", default=["none", "full"], help="none | full | every-K (default: none full)")
+    ap.add_argument("--preset", nargs="+", default=["s", "m", "l"], help="presets")
+    ap.add_argument("--resolution", type=int, default=48, help="image side; the context is its square")
+    ap.add_argument("--gpus", type=int, default=8, help="FSDP world size")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU in GiB")
+    ap.add_argument("--ac", nargs="+", default=["none", "full"], help="none | full | every-K")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64], help="micro-batches to show")
     ap.add_argument("--workspace-gib", type=float, default=3.0,
-                    help="flat allowance for CUDA context, NCCL and fragmentation (default 3)")
+                    help="flat allowance for CUDA context, NCCL and fragmentation")
     ap.add_argument("--policy", default="fsdp-bf16", choices=sorted(POLICIES))
     ap.add_argument("--objective", default="ar", choices=["ar", "bert"])
     args = ap.parse_args(argv)
@@ -511,4 +510,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

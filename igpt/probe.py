@@ -10,7 +10,6 @@ pretraining added (a random network's pooled features are already a colour histo
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from igpt import cli
 from igpt.cpu import apply_cpu_speedups, inference_linears
 from igpt.model import Decoder
 from igpt.train import pick_precision
@@ -263,7 +263,7 @@ def plot(result: dict, path: Path, baseline: dict | None = None) -> bool:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir or .safetensors file (with config.json, palette.npy)")
     p.add_argument("--dataset", default="shapes",
                    help="shapes (embedded) | hub id | imagefolder:DIR | DIR (save_to_disk), as for training")
@@ -294,12 +294,12 @@ def main(argv=None):
     amp_dtype = pick_precision(args.precision, device)
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "probe"
-    out.mkdir(parents=True, exist_ok=True)
     cache = None if args.no_cache else out / "cache"
     layers = args.layers if args.layers else list(range(model.cfg.n_layer + 1))
 
     x_tr, y_tr, x_te, y_te, n_classes = probe_dataset(args.dataset, model.cfg.resolution, args.n_train,
                                                       args.n_test, args.seed, args.image_column, args.label_column)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs opened: a failed start leaves no empty dir
 
     if args.finetune:
         result = finetune(model, x_tr, y_tr, x_te, y_te, n_classes, args.ft_steps, args.ft_batch_size, args.ft_lr,
@@ -342,4 +342,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,12 +13,12 @@ reference the cached sampler is checked against, the same draws from the same se
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from igpt import cli
 from igpt.cpu import apply_cpu_speedups
 from igpt.model import Decoder
 from igpt.sampling import Sampler, compile_sampler
@@ -63,13 +63,14 @@ def prompt_images(spec: str, n: int, resolution: int, image_column: str | None =
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="run dir or .safetensors file")
     p.add_argument("--out", required=True, help="PNG file for the grid")
     p.add_argument("--n", type=int, default=16, help="unconditional samples, or completions per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (1: the model's distribution)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the K most likely tokens only (default: all, the full softmax)")
     p.add_argument("--prompt-dataset", default=None,
                    help="complete held-out images of this dataset: shapes, imagefolder:DIR, a save_to_disk DIR or "
                    "a hub id (as the trainer's --dataset)")
@@ -131,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

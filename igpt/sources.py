@@ -50,28 +50,40 @@ def _to_pil(x):
                     "(datasets.Image) or uint8 arrays")
 
 
-def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = None) -> np.ndarray:
-    """One image (PIL image or uint8 array) -> uint8 [R, R, 3] RGB.
+def _resized_size(w: int, h: int, R: int) -> tuple[int, int]:
+    """The size after the area resize: shorter side R, the other keeps the aspect ratio."""
+    return (R, max(R, round(h * R / w))) if w <= h else (max(R, round(w * R / h)), R)
+
+
+def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = None, *,
+                jpeg_draft: bool = True) -> np.ndarray:
+    """One image (PIL image, uint8 array, or an undecoded datasets.Image value) -> uint8 [R, R, 3] RGB.
 
     The shorter side is resized to R with area (box) interpolation - every output pixel is the average of the input
     area it covers, so downsampling is antialiased (upsampling repeats pixels); the other side keeps the aspect ratio.
     Then an R x R crop: centred when crop_u is None, else at fraction crop_u = (u_x, u_y) in [0, 1) of the free range.
+    jpeg_draft: a JPEG not decoded yet is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's draft),
+    never below twice the resized size, then box-resized from the exact extent of the original (docs/DESIGN.md, Data).
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     img = _to_pil(image)
-    if img.mode != "RGB":
-        img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"empty image of size {w}x{h}")
     R = resolution
-    if w <= h:
-        nw, nh = R, max(R, round(h * R / w))
-    else:
-        nw, nh = max(R, round(w * R / h)), R
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.BOX)
+    extent = None  # the whole original image, in the decoded image's pixels
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: upright first, as datasets' own decoder does
+        img = ImageOps.exif_transpose(img)
+        w, h = img.size
+    elif jpeg_draft and img.format == "JPEG":
+        drafted = img.draft("RGB", tuple(2 * s for s in _resized_size(w, h, R)))
+        extent = drafted[1] if drafted else None
+    if img.mode != "RGB":
+        img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
+    nw, nh = _resized_size(w, h, R)
+    if (nw, nh) != img.size:  # a drafted image maps onto the same (nw, nh) grid: the crop below is the same region
+        img = img.resize((nw, nh), Image.Resampling.BOX, box=extent)
     if crop_u is None:
         ox, oy = (nw - R) // 2, (nh - R) // 2
     else:
@@ -171,11 +183,19 @@ class HFSource(ImageSource):
 
     def __init__(self, name: str, split: str, resolution: int, dataset, *, seed: int = 0, image_column: str,
                  label_column: str | None, n_classes: int | None, class_names: list[str] | None,
-                 rows: np.ndarray | None = None, note: str = ""):
+                 rows: np.ndarray | None = None, note: str = "", jpeg_draft: bool = True):
+        import datasets
+
         self.name, self.split, self.resolution, self.seed = name, split, resolution, seed
         self.image_column, self.label_column = image_column, label_column
         self.n_classes, self.class_names, self.rows, self.note = n_classes, class_names, rows, note
+        self.jpeg_draft = jpeg_draft
         self.dataset = dataset.select_columns([image_column] + ([label_column] if label_column else []))
+        feature = self.dataset.features[image_column]
+        if jpeg_draft and isinstance(feature, datasets.Image) and feature.decode:
+            # rows as bytes or paths: resize_crop opens them itself, so that libjpeg can decode JPEGs scaled down
+            self.dataset = self.dataset.cast_column(image_column, datasets.Image(decode=False))
+        self._decode = datasets.Image().decode_example  # undecoded values PIL cannot open itself (a remote path)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.rows is None else len(self.rows)
@@ -189,7 +209,9 @@ class HFSource(ImageSource):
         batch = self.dataset[[int(r) for r in rows]]
         for k, image in enumerate(batch[self.image_column]):
             u = None if crop_u is None else (float(crop_u[k, 0]), float(crop_u[k, 1]))
-            images[k] = torch.from_numpy(resize_crop(image, R, u))
+            if isinstance(image, dict) and image.get("bytes") is None and not os.path.isfile(image.get("path") or ""):
+                image = self._decode(image)
+            images[k] = torch.from_numpy(resize_crop(image, R, u, jpeg_draft=self.jpeg_draft))
         labels = None
         if self.label_column:
             labels = torch.tensor([int(v) for v in batch[self.label_column]], dtype=torch.int64).view(len(idx))
@@ -241,7 +263,8 @@ def _held_out_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(keep)[0].astype(np.int64), test.astype(np.int64)
 
 
-def _hf_source(name: str, dsdict: dict, split: str, resolution: int, seed: int, image_column, label_column):
+def _hf_source(name: str, dsdict: dict, split: str, resolution: int, seed: int, image_column, label_column,
+               jpeg_draft: bool = True):
     """Pick the split of a {split name: Dataset} dict (test -> validation -> carved from train) and wrap it."""
     import datasets
 
@@ -275,7 +298,7 @@ def _hf_source(name: str, dsdict: dict, split: str, resolution: int, seed: int, 
                    if len(d) and label_column in d.features]
             n_classes = max(top) + 1 if top else None
     return HFSource(name, split, resolution, ds, seed=seed, image_column=image_column, label_column=label_column,
-                    n_classes=n_classes, class_names=class_names, rows=rows, note=note)
+                    n_classes=n_classes, class_names=class_names, rows=rows, note=note, jpeg_draft=jpeg_draft)
 
 
 def _has_image_file(root: str) -> bool:
@@ -291,7 +314,7 @@ def _has_image_file(root: str) -> bool:
 
 def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_column: str | None = None,
                 label_column: str | None = None, shapes_size: int = 1 << 20,
-                cache_dir: str | None = None) -> ImageSource:
+                cache_dir: str | None = None, jpeg_draft: bool = True) -> ImageSource:
     """Open one split of a dataset.
 
     spec: "shapes" (embedded, no download) | "imagefolder:DIR" (DIR/CLASS/*.png, optionally under DIR/train, DIR/test)
@@ -299,6 +322,7 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
     split: "train" | "test"; a dataset without a test split uses "validation", else a fixed held-out 5% of train
     (disjoint from what split="train" then returns; see repr). seed: the shapes dataset's seed and the random-crop
     seed. shapes_size: images in each shapes split. cache_dir: the datasets cache (imagefolder and hub ids).
+    jpeg_draft: decode JPEGs at a reduced scale (see resize_crop); False decodes every image at full size.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -324,7 +348,8 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
         except Exception as e:
             raise DatasetUnavailableError(f"--dataset {spec}: the image folder could not be read "
                                           f"({type(e).__name__}: {e})") from e
-        return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column)
+        return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column,
+                          jpeg_draft)
 
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
@@ -336,7 +361,7 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
                 f"dataset_info.json/state.json); for folders of images per class pass --dataset imagefolder:{spec}"
             ) from e
         dsdict = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        return _hf_source(spec, dsdict, split, resolution, seed, image_column, label_column)
+        return _hf_source(spec, dsdict, split, resolution, seed, image_column, label_column, jpeg_draft)
     if os.path.exists(path):
         raise DatasetUnavailableError(f"--dataset {spec}: {path!r} is a file, not a directory; {_LOCAL_HINT}")
 
@@ -345,4 +370,5 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
     except Exception as e:  # offline, unreachable, not found, gated, ...: one clear message
         raise DatasetUnavailableError(f"dataset {spec!r} could not be loaded from the Hugging Face Hub "
                                       f"({type(e).__name__}: {e}); {_LOCAL_HINT}") from e
-    return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column)
+    return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column,
+                          jpeg_draft)

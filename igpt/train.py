@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file (torchrun igpt/train.py): import 
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from igpt import checkpoint
+from igpt import checkpoint, cli
 from igpt.config import PRESETS, IGPTConfig
 from igpt.cpu import apply_cpu_speedups
 from igpt.data import BatchLoader, bert_mask_for
@@ -48,10 +49,10 @@ RESUME_MUST_MATCH = ("preset", "resolution", "objective", "dataset", "batch_size
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--resolution", type=int, default=16,
-                   help="image side: 16 (default: the CPU demo), 32, 48, 64 as in the paper (any >= 8)")
+                   help="image side: 32, 48, 64 as in the paper (any >= 8; 16 is the CPU demo's)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"])
     p.add_argument("--dataset", default="shapes",
                    help="shapes (embedded, no download) | hub id | imagefolder:DIR | DIR (a save_to_disk dataset)")
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="the paper uses none (torch's AdamW default: 0.01)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay; the paper uses none (torch's AdamW would use 0.01)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -272,12 +273,11 @@ def train(args, env: Env):
     resume_from = checkpoint.latest(out / "checkpoints") if args.resume else None
     if args.resume and resume_from is None:
         raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'} (save some with --ckpt-every N)")
-    if env.main:
-        out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    run = build(args, env, out)
-    start_step = 0 if resume_from is None else resume(run, resume_from)
-    metrics = open_metrics(run, start_step if resume_from is not None else None)
+    with cli.new_dir(out) if env.main else contextlib.nullcontext():  # a failed start leaves no run dir behind
+        run = build(args, env, out)
+        start_step = 0 if resume_from is None else resume(run, resume_from)
+        metrics = open_metrics(run, start_step if resume_from is not None else None)
     peak = device_peak_flops(env.device)
     tokens_per_step = args.batch_size * run.cfg.n_ctx
     t_start, steps_done = time.time(), 0
@@ -474,4 +474,4 @@ def publish(run: Run, t0: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -338,3 +338,28 @@ def test_attention_script_on_gpu(tmp_path):
     assert "ours (Triton)" in proc.stdout and "NOT timed" not in proc.stdout and "do_bench" in proc.stdout
     data = json.loads(out.read_text())
     assert data["env"]["gpu"]["name"] and all(r["peak_memory_bytes"] > 0 for r in data["results"] if "ms_median" in r)
+
+
+def test_data_script_quick(tmp_path):
+    """bench/data.py: one worker's images/s with and without JPEG draft mode, and the workers per GPU it implies."""
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "data.py"), "--quick", "--resolution", "32", "64", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in ("images/s (draft)", "draft speed-up", "workers per GPU", "MFU 0.5"):
+        assert text in proc.stdout, text
+    data = json.loads(out.read_text())
+    assert ENV_KEYS <= data["env"].keys() and data["benchmark"] == "data" and data["settings"]["gpu"] == "H100"
+    rate = {(r["resolution"], r["decode"]): r["images_per_s"] for r in data["results"]}
+    assert set(rate) == {(R, d) for R in (32, 64) for d in ("full", "draft")} and all(v > 0 for v in rate.values())
+    assert all(0 < c["centre_crop"]["max_abs"] for c in data["correctness"]["draft_vs_full"].values())
+    assert {(r["preset"], r["resolution"]) for r in data["workers_per_gpu"]} == {
+        (p, R) for p in ("s", "m", "l", "xl") for R in (32, 64)}
+    from igpt.flops import gpu_bf16_peak, train_flops
+
+    for r in data["workers_per_gpu"]:
+        cfg = IGPTConfig.preset(r["preset"], resolution=r["resolution"])
+        assert r["gpu_images_per_s"] == pytest.approx(0.5 * gpu_bf16_peak("H100") / train_flops(cfg, cfg.n_ctx,
+                                                                                                causal=True))
+        for decode in ("full", "draft"):
+            assert r[f"workers_{decode}"] == -(-r["gpu_images_per_s"] // rate[r["resolution"], decode])

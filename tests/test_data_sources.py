@@ -1,6 +1,8 @@
 """Dataset sources (shapes, imagefolder, save_to_disk, hub errors), resize + crops, and the rank-independent data
 order (global permutation per epoch, rank slices, BERT masks, BatchLoader). Offline: every fixture is made here."""
+import functools
 import socket
+import sys
 import time
 
 import numpy as np
@@ -344,3 +346,64 @@ def test_batch_loader_shapes_without_labels_path():
     step, images, labels, idx = next(loader.iterate(0, 1))
     ref, ref_labels = make_shapes(40, 8, seed=0)
     assert step == 0 and torch.equal(images, ref[idx]) and torch.equal(labels, ref_labels[idx])
+
+
+# JPEG draft mode: libjpeg decodes at 1/2, 1/4 or 1/8 scale (DCT scaling), never below twice the resized size. Its
+# reduced IDCT is not an exact box average, so pixels move a little; measured on 64 generated ImageNet-sized JPEGs
+# (bench/data.py's, 500 x 375, ~61 KiB, quality 90), centre and corner crops, uint8 after the resize: mean |diff|
+# 1.45 (R 32), 0.95 (48), 1.10 (64); 99th percentile 9 / 6 / 7; max 34 / 27 / 39, single pixels at sharp edges.
+DRAFT_MAX_ABS, DRAFT_MEAN_ABS, DRAFT_P99_ABS = 48, 2.0, 12
+
+
+@functools.lru_cache(maxsize=1)
+def _bench_data():
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("bench_data", bench / "data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(bench))  # bench/data.py imports its `common`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module
+
+
+def synthetic_jpeg(seed):
+    return _bench_data().synthetic_jpeg(seed)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_jpeg_draft_stays_within_its_tolerance_and_crops_the_same_region(tmp_path, cache, resolution):
+    (tmp_path / "images" / "c").mkdir(parents=True)
+    for i in range(6):
+        (tmp_path / "images" / "c" / f"{i}.jpg").write_bytes(synthetic_jpeg(i))
+    spec = f"imagefolder:{tmp_path / 'images'}"
+    full = open_source(spec, "train", resolution, cache_dir=cache, jpeg_draft=False)
+    drafted = open_source(spec, "train", resolution, cache_dir=cache)  # the default
+    for train in (False, True):  # centre crops, and random crops at the same offsets
+        a = full.get(range(len(full)), train=train)[0].int()
+        b = drafted.get(range(len(full)), train=train)[0].int()
+        diff = (a - b).abs().float()
+        assert 0 < diff.max() <= DRAFT_MAX_ABS  # > 0: the draft really decoded at a reduced scale
+        assert diff.mean() <= DRAFT_MEAN_ABS and diff.quantile(0.99) <= DRAFT_P99_ABS
+
+
+def test_jpeg_draft_keeps_the_crop_region_of_a_sharp_pattern():
+    """Left half black, right half white: a crop taken from the wrong place (a decoded size not mapped back to the
+    original's) would move the edge by whole output pixels."""
+    import io
+
+    img = np.zeros((375, 500, 3), np.uint8)
+    img[:, 250:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95)
+    for u in (None, (0.0, 0.0), (0.5, 0.5), (0.99, 0.99)):
+        full = resize_crop(Image.open(io.BytesIO(buf.getvalue())), 32, u, jpeg_draft=False).astype(int)
+        drafted = resize_crop(Image.open(io.BytesIO(buf.getvalue())), 32, u).astype(int)
+        assert np.abs(full - drafted).max() <= 8, u
+    png = io.BytesIO()
+    Image.fromarray(img).save(png, "PNG")  # draft mode is for JPEGs only: other formats decode as before
+    assert Image.open(io.BytesIO(png.getvalue())).draft("RGB", (64, 64)) is None
