@@ -196,7 +196,8 @@ def load_hf_dir(path: Path):
     try:
         hf_model = cls.from_pretrained(path, use_safetensors=weights.suffix == ".safetensors")
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{weights}: transformers could not load it as {cls.__name__} ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{weights}: transformers could not load it as {cls.__name__} "
+                         f"({type(e).__name__}: {e})") from e
     cfg, state = convert_hf_model(hf_model)
     return cfg, state, hf_palette(path)
 

@@ -120,15 +120,15 @@ def fetch_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     get = dict(repo_id=repo_id, etag_timeout=HUB_TIMEOUT_S)
+    small = ["config.json", "preprocessor_config.json", WEIGHTS_NAME, PALETTE_NAME]  # palette.npy: a repo in our format
     try:
-        root = Path(snapshot_download(allow_patterns=["config.json", "preprocessor_config.json", "model.safetensors", "palette.npy"],
-                                      **get))
+        root = Path(snapshot_download(allow_patterns=small, **get))
         if not (root / WEIGHTS_NAME).exists():
             root = Path(snapshot_download(allow_patterns=["pytorch_model.bin"], **get))
     except Exception as e:  # offline, connection refused, timeout, unknown or gated repo: one clear message
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise WeightsUnavailableError(f"{repo_id!r} is not a local path, and as a hub id it could not be fetched from the Hugging "
-                                      f"Face Hub ({type(e).__name__}: {why}); {_LOCAL_HINT}") from None
+        raise WeightsUnavailableError(f"{repo_id!r} is not a local path, and as a hub id it could not be fetched "
+                                      f"from the Hugging Face Hub ({type(e).__name__}: {why}); {_LOCAL_HINT}") from None
     if not (root / CONFIG_NAME).exists():
         raise WeightsUnavailableError(f"hub repository {repo_id!r} has no config.json: not a model repository")
     return root
