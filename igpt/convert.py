@@ -1,15 +1,25 @@
-"""Hugging Face `ImageGPT` <-> `Decoder` weight conversion.
+"""Hugging Face `ImageGPT` <-> `Decoder` weight conversion, and the conversion command.
+
+    python -m igpt.convert --from-hf openai/imagegpt-small --out runs/igpt-s    # HF dir or hub id -> our run dir
+    python -m igpt.convert --to-hf runs/demo --out hf/demo                      # our weights -> a transformers dir
 
 HF layout differences handled here: `Conv1D` weights are stored [in, out] (transposed vs nn.Linear), q|k|v are one
 `c_attn`, the start-of-sequence vector is row 512 of `transformer.wte` (vocab 513), the classifier is `score` (no bias).
 HF input ids are `[512] + ids[:, :-1]`; with those, HF logits equal ours. (TF1 checkpoints need TensorFlow: out of scope.)
+The palette is the processor's `clusters` (preprocessor_config.json); its quantisation matches `Palette.quantize`
+except at floating-point ties. Its resize differs from our data pipeline: the processor resizes the whole image to
+R x R with PIL bilinear (aspect ratio not kept, no crop), ours resizes the shorter side with a box filter and crops;
+`--resize hf` on igpt.probe reproduces the processor's (igpt.sources.resize_hf).
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
+from igpt import cli
 from igpt.config import IGPTConfig
 from igpt.model import Decoder
 
@@ -65,6 +75,14 @@ def from_hf(hf_model, bias: bool | None = None) -> Decoder:
     bias=None keeps the HF linear-layer biases exactly when any of them is non-zero (checkpoints converted from the
     reference code carry all-zero biases, which are dropped); bias=False with non-zero biases is an error, never a
     silent drop."""
+    cfg, state = convert_hf_model(hf_model, bias)
+    model = Decoder(cfg)
+    model.load_state_dict(state)
+    return model
+
+
+def convert_hf_model(hf_model, bias: bool | None = None) -> tuple[IGPTConfig, dict]:
+    """(IGPTConfig, our state_dict) of an HF ImageGPT model; `bias` as for `from_hf`."""
     sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
     bias_keys = [k for k in sd if k.startswith("transformer.h.") and k.endswith(".bias") and ".attn.bias" not in k
                  and ".masked_bias" not in k]
@@ -75,9 +93,7 @@ def from_hf(hf_model, bias: bool | None = None) -> Decoder:
         raise ValueError(f"the HF model has non-zero biases ({nonzero[:3]}...); convert with bias=True or None")
     n_classes = sd["score.weight"].shape[0] if "score.weight" in sd else None
     cfg = config_from_hf(hf_model.config, n_classes=n_classes, bias=bias)
-    model = Decoder(cfg)
-    model.load_state_dict(state_dict_from_hf(sd, cfg))
-    return model
+    return cfg, state_dict_from_hf(sd, cfg)
 
 
 def state_dict_from_hf(sd: dict, cfg: IGPTConfig) -> dict:
@@ -142,3 +158,110 @@ def hf_input_ids(ids: torch.Tensor, vocab_size: int = 512) -> torch.Tensor:
     """HF ImageGPT input ids for our token ids: the SOS id (= vocab_size, HF's last row) then ids[:, :-1]."""
     sos = torch.full_like(ids[:, :1], vocab_size)
     return torch.cat([sos, ids[:, :-1]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# transformers directories (what `save_pretrained` writes, what the hub serves)
+
+HF_MODEL_TYPE = "imagegpt"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in order of preference: safetensors holds no pickle
+PROCESSOR_NAME = "preprocessor_config.json"
+
+
+def is_hf_dir(path: Path) -> bool:
+    """True for a directory whose config.json says model_type "imagegpt" (a transformers save_pretrained)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == HF_MODEL_TYPE
+    except (json.JSONDecodeError, AttributeError, OSError):
+        return False  # not ours to judge: the iGPT config loader reports it
+
+
+def load_hf_dir(path: Path):
+    """(IGPTConfig, our state_dict, Palette or None) of a transformers ImageGPT directory; the classification
+    variant (config.json architectures) gets our classifier head. model.safetensors is preferred; a directory with
+    only pytorch_model.bin is read by transformers' weights-only unpickler (tensors only, no code runs)."""
+    import transformers
+
+    path = Path(path)
+    weights = next((path / n for n in HF_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} has an ImageGPT config.json but no {' or '.join(HF_WEIGHTS)}: copy the "
+                                "weights file beside it (sharded checkpoints are not supported)")
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    cls = (transformers.ImageGPTForImageClassification if "ImageGPTForImageClassification" in archs
+           else transformers.ImageGPTForCausalImageModeling)
+    try:
+        hf_model = cls.from_pretrained(path, use_safetensors=weights.suffix == ".safetensors")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{weights}: transformers could not load it as {cls.__name__} "
+                         f"({type(e).__name__}: {e})") from e
+    cfg, state = convert_hf_model(hf_model)
+    return cfg, state, hf_palette(path)
+
+
+def hf_palette(path: Path):
+    """Palette from the processor's clusters in preprocessor_config.json beside the weights (None without one)."""
+    from igpt.palette import Palette
+
+    config = Path(path) / PROCESSOR_NAME
+    if not config.is_file():
+        return None
+    clusters = json.loads(config.read_text()).get("clusters")
+    return None if clusters is None else Palette.from_hf(clusters)
+
+
+def save_hf(decoder: Decoder, path) -> Path:
+    """A transformers directory for `decoder`: ImageGPTForImageClassification when it has a classifier head, else
+    ImageGPTForCausalImageModeling, plus an ImageGPTImageProcessor whose clusters are the attached palette."""
+    import transformers
+
+    if decoder.palette is None:
+        raise ValueError("the model has no palette (palette.npy beside its weights), which the HF processor needs "
+                         "as its clusters; attach one with model.attach_palette(Palette.load(FILE))")
+    cfg = decoder.cfg
+    classifier = bool(cfg.n_classes)
+    hf_cfg = transformers.ImageGPTConfig(**hf_config_kwargs(cfg))
+    cls = transformers.ImageGPTForImageClassification if classifier else transformers.ImageGPTForCausalImageModeling
+    hf_model = cls(hf_cfg).eval()
+    hf_model.load_state_dict(to_hf(decoder, classifier=classifier), strict=True)
+    path = Path(path)
+    hf_model.save_pretrained(path)
+    R = cfg.resolution
+    processor = image_processor_class()(clusters=decoder.palette.centres.cpu().numpy(),
+                                                       size={"height": R, "width": R})
+    processor.save_pretrained(path)
+    return path
+
+
+def image_processor_class():
+    """transformers' PIL ImageGPT image processor: `ImageGPTImageProcessorPil` from v5, `ImageGPTImageProcessor` before."""
+    import transformers
+
+    return getattr(transformers, "ImageGPTImageProcessorPil", None) or transformers.ImageGPTImageProcessor
+
+
+def main(argv=None):
+    p = cli.parser(__doc__)
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="SRC", default=None,
+                     help="a transformers ImageGPT directory or hub id (e.g. openai/imagegpt-small) -> our format")
+    way.add_argument("--to-hf", metavar="RUN_DIR", default=None,
+                     help="our weights (anything --checkpoint takes) -> a transformers directory")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+    if args.from_hf is not None:
+        model = Decoder.from_pretrained(args.from_hf)
+        out = model.save_pretrained(args.out)
+        what = "palette.npy" if model.palette is not None else "no palette (no preprocessor_config.json clusters)"
+        print(f"wrote {out}: model.safetensors, config.json, {what}", flush=True)
+    else:
+        out = save_hf(Decoder.from_pretrained(args.to_hf), args.out)
+        print(f"wrote {out}: transformers weights + config.json, {PROCESSOR_NAME} (palette as clusters)", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -197,14 +197,14 @@ def finetune(model: Decoder, x_train, y_train, x_test, y_test, n_classes: int, s
 
 
 def probe_dataset(name: str, resolution: int, n_train: int, n_test: int, seed: int, image_column=None,
-                  label_column=None):
+                  label_column=None, resize: str = "box"):
     """(train images, train labels, test images, test labels, n_classes): up to n_train / n_test labelled images
     (a seeded subset when the split is larger), centre-cropped at the model's resolution. Any `--dataset` the
     trainer reads: shapes, a hub id, imagefolder:DIR, a save_to_disk DIR (without a test split: a held-out part of
     train)."""
     from igpt.sources import open_source
 
-    kw = dict(seed=seed, image_column=image_column, label_column=label_column)
+    kw = dict(seed=seed, image_column=image_column, label_column=label_column, resize=resize)
     splits = []
     for split, n in (("train", n_train), ("test", n_test)):
         source = open_source(name, split, resolution, **kw)
@@ -264,12 +264,16 @@ def plot(result: dict, path: Path, baseline: dict | None = None) -> bool:
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="run dir or .safetensors file (with config.json, palette.npy)")
+    p.add_argument("--checkpoint", required=True, help="run dir, .safetensors file (with config.json, palette.npy), "
+                   "transformers ImageGPT dir or hub id")
     p.add_argument("--dataset", default="shapes",
                    help="shapes (embedded) | hub id | imagefolder:DIR | DIR (save_to_disk), as for training")
     p.add_argument("--image-column", default=None, help="image column of a Hugging Face dataset (default: detected)")
     p.add_argument("--label-column", default=None, help="label column (default: detected)")
-    p.add_argument("--out", default=None, help="output dir (default: CHECKPOINT_DIR/probe)")
+    p.add_argument("--resize", default="box", choices=["box", "hf"],
+                   help="box: shorter side with a box filter, centre crop (as training); hf: the whole image with "
+                   "PIL bilinear, as HF's ImageGPTImageProcessor (for released weights)")
+    p.add_argument("--out", default=None, help="output dir (default: CHECKPOINT_DIR/probe; runs/NAME/probe for a hub id)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to probe (default: all)")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-test", type=int, default=1000)
@@ -293,12 +297,18 @@ def main(argv=None):
     model.to(device)
     amp_dtype = pick_precision(args.precision, device)
     ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "probe"
+    if args.out:
+        out = Path(args.out)
+    elif ckpt.exists():
+        out = (ckpt if ckpt.is_dir() else ckpt.parent) / "probe"
+    else:  # a hub id: no directory of ours to write beside
+        out = Path("runs") / ckpt.name / "probe"
     cache = None if args.no_cache else out / "cache"
     layers = args.layers if args.layers else list(range(model.cfg.n_layer + 1))
 
     x_tr, y_tr, x_te, y_te, n_classes = probe_dataset(args.dataset, model.cfg.resolution, args.n_train,
-                                                      args.n_test, args.seed, args.image_column, args.label_column)
+                                                      args.n_test, args.seed, args.image_column, args.label_column,
+                                                      args.resize)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs opened: a failed start leaves no empty dir
 
     if args.finetune:

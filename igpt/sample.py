@@ -29,10 +29,11 @@ HIDDEN = 128  # grey for the rows of a prompt tile that the model has to complet
 
 
 def load_checkpoint(path) -> Decoder:
-    """A run dir (final weights) or a .safetensors file with config.json (+ palette.npy) beside it."""
+    """Anything Decoder.from_pretrained takes (a run dir, a .safetensors file, a transformers dir, a hub id)."""
     model = Decoder.from_pretrained(path)
     if model.palette is None:
-        raise ValueError(f"{path}: no palette.npy beside the weights, so tokens cannot be decoded to RGB")
+        raise ValueError(f"{path}: no palette.npy beside the weights (or preprocessor_config.json clusters beside HF "
+                         "weights), so tokens cannot be decoded to RGB")
     return model
 
 

@@ -94,6 +94,24 @@ def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = Non
     return np.array(img, dtype=np.uint8).reshape(R, R, 3)
 
 
+def resize_hf(image, resolution: int) -> np.ndarray:
+    """One image -> uint8 [R, R, 3] RGB the way HF's ImageGPTImageProcessor resizes: the whole image to R x R with
+    PIL bilinear (the aspect ratio is not kept, nothing is cropped), as the released iGPT models were evaluated."""
+    from PIL import Image, ImageOps
+
+    img = _to_pil(image)
+    if img.getexif().get(0x0112, 1) != 1:  # upright, as datasets' decoder hands it to the processor
+        img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8).reshape(resolution, resolution, 3)
+
+
+RESIZES = {"box": resize_crop, "hf": resize_hf}  # --resize: ours (box + crop) or the HF processor's
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sources
 
@@ -183,10 +201,12 @@ class HFSource(ImageSource):
 
     def __init__(self, name: str, split: str, resolution: int, dataset, *, seed: int = 0, image_column: str,
                  label_column: str | None, n_classes: int | None, class_names: list[str] | None,
-                 rows: np.ndarray | None = None, note: str = "", jpeg_draft: bool = True):
+                 rows: np.ndarray | None = None, note: str = "", jpeg_draft: bool = True,
+                 resize: str = "box"):
         import datasets
 
         self.name, self.split, self.resolution, self.seed = name, split, resolution, seed
+        self.resize = resize
         self.image_column, self.label_column = image_column, label_column
         self.n_classes, self.class_names, self.rows, self.note = n_classes, class_names, rows, note
         self.jpeg_draft = jpeg_draft
@@ -208,9 +228,12 @@ class HFSource(ImageSource):
         rows = idx if self.rows is None else self.rows[idx]
         batch = self.dataset[[int(r) for r in rows]]
         for k, image in enumerate(batch[self.image_column]):
-            u = None if crop_u is None else (float(crop_u[k, 0]), float(crop_u[k, 1]))
             if isinstance(image, dict) and image.get("bytes") is None and not os.path.isfile(image.get("path") or ""):
                 image = self._decode(image)
+            if self.resize == "hf":  # the whole image: no crop to draw
+                images[k] = torch.from_numpy(resize_hf(image, R))
+                continue
+            u = None if crop_u is None else (float(crop_u[k, 0]), float(crop_u[k, 1]))
             images[k] = torch.from_numpy(resize_crop(image, R, u, jpeg_draft=self.jpeg_draft))
         labels = None
         if self.label_column:
@@ -264,7 +287,7 @@ def _held_out_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _hf_source(name: str, dsdict: dict, split: str, resolution: int, seed: int, image_column, label_column,
-               jpeg_draft: bool = True):
+               jpeg_draft: bool = True, resize: str = "box"):
     """Pick the split of a {split name: Dataset} dict (test -> validation -> carved from train) and wrap it."""
     import datasets
 
@@ -298,7 +321,8 @@ def _hf_source(name: str, dsdict: dict, split: str, resolution: int, seed: int, 
                    if len(d) and label_column in d.features]
             n_classes = max(top) + 1 if top else None
     return HFSource(name, split, resolution, ds, seed=seed, image_column=image_column, label_column=label_column,
-                    n_classes=n_classes, class_names=class_names, rows=rows, note=note, jpeg_draft=jpeg_draft)
+                    n_classes=n_classes, class_names=class_names, rows=rows, note=note, jpeg_draft=jpeg_draft,
+                    resize=resize)
 
 
 def _has_image_file(root: str) -> bool:
@@ -314,7 +338,7 @@ def _has_image_file(root: str) -> bool:
 
 def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_column: str | None = None,
                 label_column: str | None = None, shapes_size: int = 1 << 20,
-                cache_dir: str | None = None, jpeg_draft: bool = True) -> ImageSource:
+                cache_dir: str | None = None, jpeg_draft: bool = True, resize: str = "box") -> ImageSource:
     """Open one split of a dataset.
 
     spec: "shapes" (embedded, no download) | "imagefolder:DIR" (DIR/CLASS/*.png, optionally under DIR/train, DIR/test)
@@ -323,7 +347,11 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
     (disjoint from what split="train" then returns; see repr). seed: the shapes dataset's seed and the random-crop
     seed. shapes_size: images in each shapes split. cache_dir: the datasets cache (imagefolder and hub ids).
     jpeg_draft: decode JPEGs at a reduced scale (see resize_crop); False decodes every image at full size.
+    resize: "box" (shorter side, box filter, then a crop) or "hf" (the whole image, PIL bilinear, as HF's
+    ImageGPTImageProcessor); shapes renders at the resolution and ignores it.
     """
+    if resize not in RESIZES:
+        raise ValueError(f"resize must be one of {sorted(RESIZES)}, got {resize!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     resolution = check_int("resolution", resolution, 1)
@@ -349,7 +377,7 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
             raise DatasetUnavailableError(f"--dataset {spec}: the image folder could not be read "
                                           f"({type(e).__name__}: {e})") from e
         return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column,
-                          jpeg_draft)
+                          jpeg_draft, resize)
 
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
@@ -361,7 +389,7 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
                 f"dataset_info.json/state.json); for folders of images per class pass --dataset imagefolder:{spec}"
             ) from e
         dsdict = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        return _hf_source(spec, dsdict, split, resolution, seed, image_column, label_column, jpeg_draft)
+        return _hf_source(spec, dsdict, split, resolution, seed, image_column, label_column, jpeg_draft, resize)
     if os.path.exists(path):
         raise DatasetUnavailableError(f"--dataset {spec}: {path!r} is a file, not a directory; {_LOCAL_HINT}")
 
@@ -370,5 +398,4 @@ def open_source(spec: str, split: str, resolution: int, *, seed: int = 0, image_
     except Exception as e:  # offline, unreachable, not found, gated, ...: one clear message
         raise DatasetUnavailableError(f"dataset {spec!r} could not be loaded from the Hugging Face Hub "
                                       f"({type(e).__name__}: {e}); {_LOCAL_HINT}") from e
-    return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column,
-                          jpeg_draft)
+    return _hf_source(spec, dict(dsdict), split, resolution, seed, image_column, label_column, jpeg_draft, resize)
