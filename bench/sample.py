@@ -1,5 +1,6 @@
-"""Sampling benchmark: tokens/s of `Decoder.generate` (KV cache) vs an uncached loop that re-runs the whole prefix for
-every new token (the reference sampler's approach) vs Hugging Face `generate` (its KV cache) on the same weights.
+"""Sampling benchmark: tokens/s of `Decoder.generate` (KV cache) vs the uncached reference sampler
+(`Sampler(model, use_cache=False)`: every new token re-runs the model over the whole prefix) vs Hugging Face `generate`
+(its KV cache) on the same weights.
 
 All three complete the last S tokens of the same N - S token prompt, one token per step for every image of the batch,
 from the full softmax at temperature 1 (S = N samples whole images from SOS). Correctness first: fp32 logits of ours and
@@ -19,6 +20,7 @@ import torch
 from common import (CorrectnessError, autocast, build_pair, check_logits, config_from_args, describe, env_info,
                     format_table, hf_generate, log, make_parser, medians, parse_args, random_ids,
                     resolve_precisions, save_results, time_interleaved, warn_if_busy)
+from igpt.sampling import Sampler
 
 FULL = dict(layers=8, width=256, heads=8, batch=4, resolution=32, sample_tokens=64, repeat=3)
 QUICK = dict(layers=2, width=64, heads=4, batch=2, resolution=8, sample_tokens=8, repeat=1)
@@ -31,29 +33,16 @@ def cli(argv=None):
     return parse_args(p, argv, FULL, QUICK)
 
 
-@torch.no_grad()
-def generate_uncached(model, prompt: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Complete `prompt` [B, P] to [B, N] without a cache: each new token re-runs the model over the whole prefix.
-    The same draws as `Decoder.generate` (one multinomial over the full softmax per step), so a shared seed gives
-    the same tokens."""
-    B, P = prompt.shape
-    out = torch.zeros(B, model.cfg.n_ctx, dtype=torch.long, device=prompt.device)
-    out[:, :P] = prompt
-    for t in range(P, model.cfg.n_ctx):
-        # logits[:, t] depend on ids[:, :t] only (the SOS shift is inside), so out[:, t] may still be a placeholder
-        probs = torch.softmax(model(out[:, :t + 1])[:, -1].float(), dim=-1)
-        out[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return out
-
-
 def samplers(ours, hf, seed: int):
     """name -> fn(prompt) returning the completed ids; new tokens = N - prompt length for every sampler."""
     def seeded():
         return torch.Generator().manual_seed(seed)
 
+    uncached = Sampler(ours, use_cache=False)
+
     return {
         "cached": lambda prompt: ours.generate(prompt.shape[0], prompt=prompt, generator=seeded()),
-        "uncached": lambda prompt: generate_uncached(ours, prompt, seeded()),
+        "uncached": lambda prompt: uncached.generate(prompt.shape[0], prompt=prompt, generator=seeded()),
         "hf": lambda prompt: hf_generate(hf, prompt, ours.cfg.n_ctx - prompt.shape[1])[:, 1:],  # drop HF's SOS
     }
 

@@ -65,7 +65,7 @@ def prompt_images(spec: str, n: int, resolution: int, image_column: str | None =
 
 def main(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--checkpoint", required=True, help="run dir or .safetensors file")
+    p.add_argument("--checkpoint", required=True, help="run dir, .safetensors file, transformers ImageGPT dir or hub id")
     p.add_argument("--out", required=True, help="PNG file for the grid")
     p.add_argument("--n", type=int, default=16, help="unconditional samples, or completions per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")

@@ -45,12 +45,17 @@ from igpt.shapes import shapes_palette
 from igpt.sources import open_source
 
 # Arguments a resume must agree with: they define the model, the data order and the loss.
-RESUME_MUST_MATCH = ("preset", "resolution", "objective", "dataset", "batch_size", "seed")
+RESUME_MUST_MATCH = ("preset", "n_layer", "n_embd", "n_head", "resolution", "objective", "dataset", "batch_size",
+                     "seed")
+SHAPE_OVERRIDES = ("n_layer", "n_embd", "n_head")  # --n-layer etc.: change one dimension of the preset
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    for name in SHAPE_OVERRIDES:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"{name} instead of the preset's (default: the preset's)")
     p.add_argument("--resolution", type=int, default=16,
                    help="image side: 32, 48, 64 as in the paper (any >= 8; 16 is the CPU demo's)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"])
@@ -308,7 +313,8 @@ def build(args, env: Env, out: Path) -> Run:
     """Data sources and the palette, the model (parallelized) and its optimizer, the train and eval loaders."""
     device = env.device
     amp_dtype = pick_precision(args.precision, device)
-    cfg = IGPTConfig.preset(args.preset, resolution=args.resolution, objective=args.objective)
+    shape = {k: getattr(args, k) for k in SHAPE_OVERRIDES if getattr(args, k) is not None}
+    cfg = IGPTConfig.preset(args.preset, resolution=args.resolution, objective=args.objective, **shape)
     kw = dict(seed=args.seed, image_column=args.image_column, label_column=args.label_column)
     train_src = open_source(args.dataset, "train", args.resolution, **kw)
     eval_src = open_source(args.dataset, "test", args.resolution, **kw)
@@ -416,6 +422,8 @@ def resume(run: Run, path: Path) -> int:
     saved = checkpoint.load(path, app_state)
     args = run.args
     mismatched = {k: (v, getattr(args, k)) for k, v in saved["args"].items() if getattr(args, k) != v}
+    mismatched.update({k: (None, getattr(args, k)) for k in SHAPE_OVERRIDES  # saved before these flags existed
+                       if k not in saved["args"] and getattr(args, k) is not None})
     if mismatched:
         raise SystemExit(f"--resume: {path} was saved with different arguments "
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in

@@ -363,3 +363,35 @@ def test_data_script_quick(tmp_path):
                                                                                                 causal=True))
         for decode in ("full", "draft"):
             assert r[f"workers_{decode}"] == -(-r["gpu_images_per_s"] // rate[r["resolution"], decode])
+
+
+def test_fidelity_quick(tmp_path):
+    """bench/fidelity.py end to end on a small labelled folder: split, AR and BERT pretraining with checkpoints,
+    probes of every layer (pretrained and random init), held-out losses, completions, figures."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    for c in range(4):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(25):  # 5 held out per class
+            img = rng.integers(0, 64, (12, 12, 3)) + 60 * c
+            Image.fromarray(img.astype(np.uint8)).save(data / f"class{c}" / f"{i:04d}.png")
+    out = tmp_path / "fidelity"
+    proc = subprocess.run([sys.executable, str(BENCH / "fidelity.py"), "--quick", "--data", str(data), "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "fidelity.json").read_text())
+    assert ENV_KEYS <= r["env"].keys() and r["split"]["images"] == {"train": 80, "test": 20}
+    assert sorted(p.name for p in (out / "work" / "data" / "test" / "class0").iterdir()) == [
+        f"{i:04d}.png" for i in (4, 9, 14, 19, 24)]  # every 5th file of each class is held out
+    n_layers = r["settings"]["n_layer"] + 1
+    for key in ("ar", "random_init", "bert"):
+        layers = r[key]["probe"]["layers"]
+        assert [x["layer"] for x in layers] == list(range(n_layers))
+        assert r[key]["probe"]["best_val_acc"] == max(x["val_acc"] for x in layers)  # chosen on validation
+    assert [c["step"] for c in r["ar"]["checkpoints"]] == [4, 8]
+    assert all(0 < c["held_out_nats_per_token"] < 7 for c in r["ar"]["checkpoints"])
+    for png in ("probe_vs_depth.png", "loss_vs_probe.png", "completions.png"):
+        assert Image.open(out / png).size[0] > 100, png

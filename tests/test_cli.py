@@ -46,6 +46,14 @@ def test_train_bert_objective(tmp_path):
     assert Decoder.from_pretrained(tmp_path / "bert").cfg.objective == "bert"
 
 
+def test_train_shape_flags_override_the_preset(tmp_path):
+    train_main(["--n-layer", "3", "--n-embd", "48", "--n-head", "3", "--resolution", "8", "--steps", "1",
+                "--batch-size", "2", "--warmup", "1", "--precision", "fp32", "--out", str(tmp_path / "run")])
+    cfg = Decoder.from_pretrained(tmp_path / "run").cfg
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (3, 48, 3)
+    assert parse_args([]).n_layer is None  # the preset's unless asked
+
+
 def test_train_runs_as_a_file_like_torchrun_does(tmp_path):
     # `torchrun igpt/train.py` puts igpt/ itself first on sys.path; the script must still import the package
     out = subprocess.run([sys.executable, str(REPO / "igpt" / "train.py"), "--help"], capture_output=True, text=True,

@@ -174,9 +174,16 @@ def test_probe_and_sample_take_a_transformers_dir(tmp_path, causal_dir):
     saved = json.loads((out / "probe.json").read_text())
     assert saved["best_layer"] == result["best_layer"] and len(saved["layers"]) == 3
     assert (out / "probe.png").exists()
-    grid = tmp_path / "grid.png"
-    sample_main(["--checkpoint", str(causal_dir), "--out", str(grid), "--n", "2"])
-    assert Image.open(grid).size[0] > R
+    # completions of the folder's held-out image: rows are prompt, completions, original; --no-cache: the same PNG
+    from test_cli import grid_tiles
+
+    args = ["--checkpoint", str(causal_dir), "--prompt-dataset", f"imagefolder:{folder}", "--prompts", "1", "--n", "3"]
+    sample_main([*args, "--out", str(tmp_path / "grid.png")])
+    tiles = grid_tiles(tmp_path / "grid.png", R)
+    assert tiles.shape[:2] == (1, 1 + 3 + 1)
+    assert all(torch.equal(c[:R // 2], tiles[0, -1, :R // 2]) for c in tiles[0, 1:-1])  # the given half is kept
+    sample_main([*args, "--out", str(tmp_path / "uncached.png"), "--no-cache"])
+    assert (tmp_path / "uncached.png").read_bytes() == (tmp_path / "grid.png").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
