@@ -74,10 +74,12 @@ def split_folder(src: Path, dst: Path) -> dict:
     if not classes:
         raise SystemExit(f"--data {src}: expected a folder of class folders (DIR/CLASS/*.jpg); CIFAR-10's test images "
                          "as an image folder are at ../shared/data/cifar10-test")
-    counts = {"train": 0, "test": 0}
     done = dst / "split.json"
-    if done.exists() and json.loads(done.read_text())["source"] == str(src):
-        return json.loads(done.read_text())
+    if done.exists():
+        info = json.loads(done.read_text())
+        if info["source"] == str(src):
+            return info
+    counts = {"train": 0, "test": 0}
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in classes:
@@ -98,9 +100,14 @@ def split_folder(src: Path, dst: Path) -> dict:
 # the steps
 
 
-def pretrain(args, spec: str, objective: str, run: Path) -> float:
-    """Train one model with igpt.train, a step-N checkpoint every steps/checkpoints steps; the wall time."""
+def checkpoint_steps(args) -> list[int]:
     every = args.steps // args.checkpoints
+    return [every * (k + 1) for k in range(args.checkpoints)]
+
+
+def pretrain(args, spec: str, objective: str, run: Path) -> float:
+    """Train one model with igpt.train, a step-N checkpoint at each of checkpoint_steps(args); the wall time."""
+    every = checkpoint_steps(args)[0]
     t0 = time.time()
     train_main(["--dataset", spec, "--resolution", str(args.resolution), "--n-layer", str(args.n_layer),
                 "--n-embd", str(args.n_embd), "--n-head", str(args.n_head), "--objective", objective,
@@ -111,18 +118,21 @@ def pretrain(args, spec: str, objective: str, run: Path) -> float:
     return time.time() - t0
 
 
+def held_out_images(spec: str, args) -> torch.Tensor:
+    """The first --n-test held-out images, centre-cropped: uint8 [n, R, R, 3]."""
+    source = open_source(spec, "test", args.resolution)
+    return source.get(range(min(args.n_test, len(source))), train=False)[0]
+
+
 @torch.no_grad()
-def held_out_loss(checkpoint: Path, spec: str, args) -> float:
-    """Mean loss in nats per counted token over the first --n-test held-out images (centre crops; BERT: the loss
-    on its masked tokens under one fixed mask draw)."""
+def held_out_loss(checkpoint: Path, images: torch.Tensor, seed: int) -> float:
+    """Mean loss in nats per counted token over the held-out images (BERT: the loss on its masked tokens under one
+    fixed mask draw)."""
     model = Decoder.from_pretrained(checkpoint).eval()
-    source = open_source(spec, "test", model.cfg.resolution)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    n = min(args.n_test, len(source))
-    for start in range(0, n, 100):
-        images, _ = source.get(range(start, min(n, start + 100)), train=False)
-        ids = model.palette.quantize(images).flatten(1)
+    for start in range(0, len(images), 100):
+        ids = model.palette.quantize(images[start:start + 100]).flatten(1)
         mask = random_bert_mask(ids.shape, generator=g) if model.cfg.objective == "bert" else None
         total += model.loss(ids, mask, reduction="sum").item()
         count += ids.numel() if mask is None else int(mask.sum())
@@ -151,13 +161,26 @@ def summary_of(result: dict) -> dict:
 # figures
 
 
-def plot_depth(results: dict, path: Path) -> None:
+def new_figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    return plt.subplots(figsize=(6.4, 4.2))
+
+
+def save_figure(fig, ax, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_depth(results: dict, path: Path) -> None:
+    fig, ax = new_figure()
     for key, label, style in (("ar", "AR-pretrained", "o-"), ("random_init", "random init (same architecture)", "s--"),
                               ("bert", "BERT-pretrained", "^-")):
         r = results[key]["probe"]
@@ -169,20 +192,12 @@ def plot_depth(results: dict, path: Path) -> None:
     ax.set_xlabel("layer (0 = embeddings, L = final norm)")
     ax.set_ylabel("linear probe test accuracy (%)")
     ax.set_title(f"Probe accuracy vs depth, {results['settings']['resolution']}² held-out images")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def plot_loss_vs_probe(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points = results["ar"]["checkpoints"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = new_figure()
     x = [p["held_out_bits_per_dim"] for p in points]
     y = [100 * p["probe"]["best_test_acc"] for p in points]
     ax.plot(x, y, "o-", label="AR checkpoints (best layer, chosen on validation)")
@@ -192,10 +207,7 @@ def plot_loss_vs_probe(results: dict, path: Path) -> None:
     ax.set_xlabel("held-out loss (bits per sub-pixel; lower is better →)")
     ax.set_ylabel("best-layer linear probe test accuracy (%)")
     ax.set_title("Better generative model, better features")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,13 +232,13 @@ def main(argv=None) -> dict:
         wall[f"pretrain_{objective}_s"] = pretrain(args, spec, objective, run)
 
     t0 = time.time()
-    every = args.steps // args.checkpoints
-    steps = [every * (k + 1) for k in range(args.checkpoints)]
+    images = held_out_images(spec, args)
+    steps = checkpoint_steps(args)
     checkpoints = []
     for step in steps:
         ckpt = runs["ar"] / "checkpoints" / f"step-{step}"
-        result = probe(args, spec, ckpt, out / "work" / "probe" / f"ar-step-{step}", random_init=step == steps[-1])
-        nats = held_out_loss(ckpt, spec, args)
+        result = probe(args, spec, ckpt, work / "probe" / f"ar-step-{step}", random_init=step == steps[-1])
+        nats = held_out_loss(ckpt, images, args.seed)
         checkpoints.append({"step": step, "held_out_nats_per_token": nats,
                             "held_out_bits_per_dim": nats / math.log(2) / 3, "probe": summary_of(result)})
         log(f"AR step {step}: held-out {nats:.4f} nats/token, best layer {result['best_layer']} "
@@ -236,8 +248,8 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     bert_ckpt = runs["bert"] / "checkpoints" / f"step-{steps[-1]}"
-    bert = {"probe": summary_of(probe(args, spec, bert_ckpt, out / "work" / "probe" / "bert")),
-            "held_out_masked_nats_per_token": held_out_loss(bert_ckpt, spec, args), "step": steps[-1]}
+    bert = {"probe": summary_of(probe(args, spec, bert_ckpt, work / "probe" / "bert")),
+            "held_out_masked_nats_per_token": held_out_loss(bert_ckpt, images, args.seed), "step": steps[-1]}
     wall["probe_bert_s"] = time.time() - t0
 
     t0 = time.time()

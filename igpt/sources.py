@@ -50,6 +50,15 @@ def _to_pil(x):
                     "(datasets.Image) or uint8 arrays")
 
 
+def _upright(img):
+    """(img turned upright by its EXIF orientation, as datasets' own decoder does; whether it was turned)."""
+    from PIL import ImageOps
+
+    if img.getexif().get(0x0112, 1) == 1:
+        return img, False
+    return ImageOps.exif_transpose(img), True
+
+
 def _resized_size(w: int, h: int, R: int) -> tuple[int, int]:
     """The size after the area resize: shorter side R, the other keeps the aspect ratio."""
     return (R, max(R, round(h * R / w))) if w <= h else (max(R, round(w * R / h)), R)
@@ -65,7 +74,7 @@ def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = Non
     jpeg_draft: a JPEG not decoded yet is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling, PIL's draft),
     never below twice the resized size, then box-resized from the exact extent of the original (docs/DESIGN.md, Data).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     img = _to_pil(image)
     w, h = img.size
@@ -73,8 +82,8 @@ def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = Non
         raise ValueError(f"empty image of size {w}x{h}")
     R = resolution
     extent = None  # the whole original image, in the decoded image's pixels
-    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: upright first, as datasets' own decoder does
-        img = ImageOps.exif_transpose(img)
+    img, turned = _upright(img)
+    if turned:
         w, h = img.size
     elif jpeg_draft and img.format == "JPEG":
         drafted = img.draft("RGB", tuple(2 * s for s in _resized_size(w, h, R)))
@@ -97,11 +106,9 @@ def resize_crop(image, resolution: int, crop_u: tuple[float, float] | None = Non
 def resize_hf(image, resolution: int) -> np.ndarray:
     """One image -> uint8 [R, R, 3] RGB the way HF's ImageGPTImageProcessor resizes: the whole image to R x R with
     PIL bilinear (the aspect ratio is not kept, nothing is cropped), as the released iGPT models were evaluated."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    img = _to_pil(image)
-    if img.getexif().get(0x0112, 1) != 1:  # upright, as datasets' decoder hands it to the processor
-        img = ImageOps.exif_transpose(img)
+    img, _ = _upright(_to_pil(image))  # as datasets' decoder hands it to the processor
     if img.mode != "RGB":
         img = img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else img.mode).convert("RGB")
     if img.size != (resolution, resolution):

@@ -421,9 +421,9 @@ def resume(run: Run, path: Path) -> int:
     app_state = {"model": msd, "optim": osd}
     saved = checkpoint.load(path, app_state)
     args = run.args
-    mismatched = {k: (v, getattr(args, k)) for k, v in saved["args"].items() if getattr(args, k) != v}
-    mismatched.update({k: (None, getattr(args, k)) for k in SHAPE_OVERRIDES  # saved before these flags existed
-                       if k not in saved["args"] and getattr(args, k) is not None})
+    # an argument a checkpoint did not record (saved before its flag existed) had the flag's default, None
+    mismatched = {k: (saved["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
+                  if saved["args"].get(k) != getattr(args, k)}
     if mismatched:
         raise SystemExit(f"--resume: {path} was saved with different arguments "
                          + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in

@@ -407,3 +407,21 @@ def test_jpeg_draft_keeps_the_crop_region_of_a_sharp_pattern():
     png = io.BytesIO()
     Image.fromarray(img).save(png, "PNG")  # draft mode is for JPEGs only: other formats decode as before
     assert Image.open(io.BytesIO(png.getvalue())).draft("RGB", (64, 64)) is None
+
+
+def test_both_resizes_turn_an_exif_rotated_photo_upright(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) comes out upright."""
+    from PIL import Image
+
+    from igpt.sources import resize_hf
+
+    upright = np.zeros((40, 20, 3), np.uint8)
+    upright[:20] = 255  # white top half, black bottom half, as viewed
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # what a sideways camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    for out in (resize_crop({"path": str(tmp_path / "photo.jpg"), "bytes": None}, 8),
+                resize_hf({"path": str(tmp_path / "photo.jpg"), "bytes": None}, 8)):
+        assert out[0].mean() > 200 and out[-1].mean() < 55, out[..., 0]
+

@@ -182,6 +182,8 @@ def test_resume_with_different_arguments_is_refused(tmp_path):
     _run_with_checkpoints(tmp_path)
     with pytest.raises(SystemExit, match="--batch-size 4 .now 8"):
         train_main([*BASE[:2], "--batch-size", "8", *BASE[4:], "--steps", "6", "--out", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit, match="--n-layer None .now 3"):  # a shape flag the run did not use
+        train_main([*BASE, "--n-layer", "3", "--steps", "6", "--out", str(tmp_path), "--resume"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         train_main([*BASE, "--steps", "2", "--out", str(tmp_path / "empty"), "--resume"])
 
