@@ -44,10 +44,9 @@ from igpt.palette import Palette
 from igpt.shapes import shapes_palette
 from igpt.sources import open_source
 
-# Arguments a resume must agree with: they define the model, the data order and the loss.
-RESUME_MUST_MATCH = ("preset", "n_layer", "n_embd", "n_head", "resolution", "objective", "dataset", "batch_size",
-                     "seed")
 SHAPE_OVERRIDES = ("n_layer", "n_embd", "n_head")  # --n-layer etc.: change one dimension of the preset
+# Arguments a resume must agree with: they define the model, the data order and the loss.
+RESUME_MUST_MATCH = ("preset", *SHAPE_OVERRIDES, "resolution", "objective", "dataset", "batch_size", "seed")
 
 
 def parse_args(argv=None):

@@ -424,4 +424,3 @@ def test_both_resizes_turn_an_exif_rotated_photo_upright(tmp_path):
     for out in (resize_crop({"path": str(tmp_path / "photo.jpg"), "bytes": None}, 8),
                 resize_hf({"path": str(tmp_path / "photo.jpg"), "bytes": None}, 8)):
         assert out[0].mean() > 200 and out[-1].mean() < 55, out[..., 0]
-
